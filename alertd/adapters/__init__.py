@@ -1,0 +1,1 @@
+"""Adapters: the outside world (AMQP, PostgreSQL, HTTP, ffprobe) behind the ports."""

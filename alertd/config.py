@@ -1,0 +1,194 @@
+"""Settings: one frozen object built once from flags, env and the config file."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from alertd.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+QUEUE_TYPES = ("quorum", "classic")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+PROBERS = ("ffprobe",)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a master or child needs; passed explicitly, never read from globals."""
+
+    workers: int = 1
+    concurrency: int = 8
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue: str = "alerts"
+    queue_type: str = "quorum"
+    delivery_limit: int = 20
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/alertd"
+    db_pool_size: int = 4
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    allow_networks: tuple[IPNetwork, ...] = ()
+    max_download_bytes: int = 256 * 1024 * 1024
+    download_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    download_dir: str | None = None
+    prober: str = "ffprobe"
+    probe_timeout: float = 30.0
+    max_attempts: int = 5
+    retry_delay: float = 5.0
+    graceful_timeout: float = 30.0
+    webhook_url: str | None = None
+    webhook_secrets: tuple[bytes, ...] = ()
+    webhook_timeout: float = 10.0
+    webhook_max_attempts: int = 30
+    heartbeat_timeout: float = 30.0
+    max_alerts_per_child: int = 0
+    max_memory_per_child: int = 0
+    pidfile: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def retry_delay_for(self, attempt: int) -> float:
+        """Delay before attempt ``attempt + 1``: retry_delay x 2^(attempt-1)."""
+        return float(self.retry_delay * 2 ** max(0, attempt - 1))
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for display, with every secret masked."""
+        shown: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "webhook_secrets":
+                value = [f"whsec_*** ({len(value)} set)"] if value else []
+            elif f.name in ("amqp_url", "dsn"):
+                value = mask_url(value)
+            elif f.name == "allow_networks":
+                value = [str(n) for n in value]
+            shown[f.name] = value
+        return shown
+
+
+def validate(settings: Settings) -> Settings:
+    """Check ranges and cross-field rules; raise ConfigError naming the key."""
+    s = settings
+    _at_least("workers", s.workers, 1)
+    _at_least("concurrency", s.concurrency, 1)
+    _at_most("concurrency", s.concurrency, 65535)
+    _at_least("max_download_bytes", s.max_download_bytes, 1)
+    _at_least("max_attempts", s.max_attempts, 1)
+    _at_least("webhook_max_attempts", s.webhook_max_attempts, 1)
+    _at_least("delivery_limit", s.delivery_limit, 2)
+    _at_least("db_pool_size", s.db_pool_size, 1)
+    for key in ("download_timeout", "connect_timeout", "probe_timeout", "webhook_timeout",
+                "heartbeat_timeout", "retry_delay"):
+        if not getattr(s, key) > 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {getattr(s, key)}")
+    if s.graceful_timeout < 0:
+        raise ConfigError(f"graceful_timeout: must be 0 or more, got {s.graceful_timeout}")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port: must be 0..65535, got {s.metrics_port}")
+    _one_of("queue_type", s.queue_type, QUEUE_TYPES)
+    _one_of("log_level", s.log_level, LOG_LEVELS)
+    _one_of("log_format", s.log_format, LOG_FORMATS)
+    _one_of("prober", s.prober, PROBERS)
+    if not s.queue or len(s.queue) > 200:
+        raise ConfigError("queue: must be 1..200 characters")
+    if urlsplit(s.amqp_url).scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"amqp_url: scheme must be amqp or amqps, got {mask_url(s.amqp_url)!r}")
+    if urlsplit(s.dsn).scheme not in ("postgresql", "postgres"):
+        raise ConfigError("dsn: must be a postgresql:// URL")
+    if s.webhook_url is not None:
+        parts = urlsplit(s.webhook_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"webhook_url: must be an http(s) URL, got {s.webhook_url!r}")
+    return s
+
+
+def parse_networks(values: Any) -> tuple[IPNetwork, ...]:
+    if isinstance(values, str):
+        values = [values]
+    nets = []
+    for value in values or ():
+        try:
+            nets.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"allow_network: {value!r} is not a CIDR network") from None
+    return tuple(nets)
+
+
+def parse_webhook_secrets(value: str | None) -> tuple[bytes, ...]:
+    """Decode ``whsec_<base64>`` secrets; several, space separated, during rotation."""
+    if not value:
+        return ()
+    keys = []
+    for token in value.split():
+        if not token.startswith("whsec_"):
+            raise ConfigError("webhook_secret: each secret must start with 'whsec_'")
+        try:
+            key = base64.b64decode(token.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError("webhook_secret: the part after 'whsec_' is not base64") from None
+        if len(key) < 16:
+            raise ConfigError("webhook_secret: a secret must decode to at least 16 bytes")
+        keys.append(key)
+    return tuple(keys)
+
+
+def load_config_file(path: str, known_keys: set[str]) -> dict[str, Any]:
+    """Read a TOML config file into option values; unknown keys are refused."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for raw_key, value in doc.items():
+        key = raw_key.replace("-", "_")
+        if key not in known_keys:
+            raise ConfigError(f"{raw_key}: unknown key in {path}")
+        values[key] = value
+    return values
+
+
+def from_options(options: Mapping[str, Any], *, webhook_secret: str | None) -> Settings:
+    """Build validated Settings from click's resolved option values."""
+    known = {f.name for f in fields(Settings)}
+    values = {k: v for k, v in options.items() if k in known and v is not None}
+    if "allow_networks" in options:
+        values["allow_networks"] = parse_networks(options["allow_networks"])
+    values["webhook_secrets"] = parse_webhook_secrets(webhook_secret)
+    return validate(replace(Settings(), **values))
+
+
+def mask_url(url: str) -> str:
+    """Replace the password in a URL with ``***`` so it can be logged or printed."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: must be at least {low}, got {value}")
+
+
+def _at_most(key: str, value: int, high: int) -> None:
+    if value > high:
+        raise ConfigError(f"{key}: must be at most {high}, got {value}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,259 @@
+"""The alert domain: messages, metadata and outcomes, with their validation. No I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from alertd.errors import ErrorCode, InvalidMessage, ProcessingError
+
+MAX_ALERT_ID_LEN = 128
+MAX_URL_LEN = 4096
+# A message body larger than this is dead-lettered before JSON parsing:
+# an alert is a few hundred bytes, so anything near this is abuse or a bug.
+MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32
+
+JSON = dict[str, Any]
+
+
+class Stage(enum.StrEnum):
+    """Where an alert is in its pipeline; reported per slot in heartbeats."""
+
+    DEDUP = "dedup"
+    DOWNLOAD = "download"
+    PROBE = "probe"
+    STORE = "store"
+    NOTIFY = "notify"
+
+
+class Status(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One validated alert message. ``alert_id`` is the idempotency key."""
+
+    alert_id: str
+    video_url: str
+    webhook_url: str | None = None
+    occurred_at: dt.datetime | None = None
+    source: str | None = None
+    attributes: JSON = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadedVideo:
+    """A clip downloaded to a private local file; the file is the caller's to delete."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    code: ErrorCode
+    message: str
+
+    @classmethod
+    def from_error(cls, exc: ProcessingError) -> Failure:
+        return cls(code=exc.code, message=exc.message)
+
+    def to_json(self) -> JSON:
+        return {"code": str(self.code), "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The stored result of one alert: metadata when done, a failure when not."""
+
+    alert: Alert
+    status: Status
+    metadata: JSON | None
+    failure: Failure | None
+    attempts: int
+    received_at: dt.datetime
+    processed_at: dt.datetime
+
+    @classmethod
+    def done(
+        cls, alert: Alert, metadata: JSON, *, attempts: int,
+        received_at: dt.datetime, processed_at: dt.datetime,
+    ) -> Outcome:
+        return cls(alert, Status.DONE, metadata, None, attempts, received_at, processed_at)
+
+    @classmethod
+    def failed(
+        cls, alert: Alert, failure: Failure, *, attempts: int,
+        received_at: dt.datetime, processed_at: dt.datetime,
+    ) -> Outcome:
+        return cls(alert, Status.FAILED, None, failure, attempts, received_at, processed_at)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """What the outbox must deliver for one outcome: the target and the JSON body."""
+
+    alert_id: str
+    url: str
+    payload: JSON
+
+
+def webhook_event(outcome: Outcome, *, default_url: str | None) -> WebhookEvent | None:
+    """Build the webhook body for an outcome; None when the alert has nowhere to go."""
+    url = outcome.alert.webhook_url or default_url
+    if not url:
+        return None
+    done = outcome.status is Status.DONE
+    payload: JSON = {
+        "type": "alert.processed" if done else "alert.failed",
+        "alert_id": outcome.alert.alert_id,
+        "status": str(outcome.status),
+        "metadata": outcome.metadata,
+        "error": outcome.failure.to_json() if outcome.failure else None,
+        "attributes": outcome.alert.attributes,
+        "processed_at": format_time(outcome.processed_at),
+    }
+    return WebhookEvent(alert_id=outcome.alert.alert_id, url=url, payload=payload)
+
+
+def format_time(value: dt.datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
+    utc = value.astimezone(dt.UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
+    """Validate an AMQP body into an :class:`Alert` or raise :class:`InvalidMessage`.
+
+    The reason names the field and the problem, because it is what an operator
+    reads in the DLQ header at night.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body_too_large: {len(body)} bytes > {MAX_BODY_BYTES}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"not_utf8: {exc.reason} at byte {exc.start}") from None
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"invalid_json: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(doc, dict):
+        raise InvalidMessage(f"not_an_object: body is a JSON {_json_type(doc)}")
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise InvalidMessage(f"too_deep: nesting deeper than {MAX_JSON_DEPTH}")
+
+    alert_id = doc.get("alert_id")
+    if not isinstance(alert_id, str):
+        raise InvalidMessage(_field_problem("alert_id", alert_id, "a string"))
+    if not 1 <= len(alert_id) <= MAX_ALERT_ID_LEN:
+        raise InvalidMessage(
+            f"invalid_field: alert_id must be 1..{MAX_ALERT_ID_LEN} characters, got {len(alert_id)}"
+        )
+    if not alert_id.isprintable():
+        raise InvalidMessage("invalid_field: alert_id has control characters")
+
+    video_url = _http_url(doc, "video_url", required=True)
+    assert video_url is not None
+    webhook_url = _http_url(doc, "webhook_url", required=False)
+    if webhook_url is None and not default_webhook_url:
+        raise InvalidMessage("missing_field: webhook_url (and no --webhook-url default)")
+
+    occurred_at = None
+    raw_time = doc.get("occurred_at")
+    if raw_time is not None:
+        occurred_at = _rfc3339(raw_time)
+
+    source = doc.get("source")
+    if source is not None and not isinstance(source, str):
+        raise InvalidMessage(_field_problem("source", source, "a string"))
+
+    attributes = doc.get("attributes", {})
+    if attributes is None:
+        attributes = {}
+    if not isinstance(attributes, dict):
+        raise InvalidMessage(_field_problem("attributes", attributes, "an object"))
+
+    return Alert(
+        alert_id=alert_id,
+        video_url=video_url,
+        webhook_url=webhook_url,
+        occurred_at=occurred_at,
+        source=source,
+        attributes=attributes,
+    )
+
+
+def _http_url(doc: JSON, key: str, *, required: bool) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise InvalidMessage(f"missing_field: {key}")
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(_field_problem(key, value, "a string"))
+    if len(value) > MAX_URL_LEN:
+        raise InvalidMessage(f"invalid_field: {key} longer than {MAX_URL_LEN} characters")
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a port out of range
+    except ValueError as exc:
+        raise InvalidMessage(f"invalid_field: {key} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidMessage(f"invalid_field: {key} scheme must be http or https")
+    if not parts.hostname:
+        raise InvalidMessage(f"invalid_field: {key} has no host")
+    return value
+
+
+def _rfc3339(value: object) -> dt.datetime:
+    if not isinstance(value, str):
+        raise InvalidMessage(_field_problem("occurred_at", value, "an RFC 3339 string"))
+    text = value.replace("z", "Z")
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidMessage("invalid_field: occurred_at is not RFC 3339") from None
+    if "T" not in value.upper() or parsed.tzinfo is None:
+        raise InvalidMessage("invalid_field: occurred_at needs a date, a time and an offset")
+    return parsed
+
+
+def _field_problem(key: str, value: object, expected: str) -> str:
+    if value is None:
+        return f"missing_field: {key}"
+    return f"invalid_field: {key} must be {expected}, got {_json_type(value)}"
+
+
+def _json_type(value: object) -> str:
+    return {
+        dict: "object", list: "array", str: "string", bool: "boolean",
+        int: "number", float: "number", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _depth(value: object) -> int:
+    """Nesting depth, iteratively so a hostile document cannot blow the stack."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest

@@ -1,0 +1,119 @@
+"""Ports: what the use case needs from the outside world, as Protocols.
+
+Adapters do not inherit from these; mypy checks that they fit. Every contract
+below is what callers may rely on and what an adapter must honour.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent
+
+
+class VideoFetcher(Protocol):
+    def fetch_video(self, url: str) -> AbstractAsyncContextManager[DownloadedVideo]:
+        """Download ``url`` into a private temp file, yielded for the block's duration.
+
+        The file is removed when the block exits, on every path. The size is
+        capped, timeouts apply, every hop's address is checked. Raises
+        ``PermanentError`` (not found, too large, forbidden address, too many
+        redirects, 4xx) or ``TransientError`` (timeouts, connection errors, 5xx,
+        local disk full); nothing else.
+        """
+        ...
+
+
+class Prober(Protocol):
+    async def probe(self, path: str) -> JSON:
+        """Read a local file's media metadata; never opens anything but ``path``.
+
+        Returns the normalized keys ``duration_s``, ``format_name``,
+        ``bit_rate``, ``video``, ``audio`` and ``streams`` (the caller adds
+        ``size_bytes`` and ``sha256``). Raises ``PermanentError`` with
+        ``not_a_video`` when the file has no stream or cannot be parsed,
+        ``probe_timeout`` when the prober had to be killed, ``probe_crashed``
+        when it died.
+        """
+        ...
+
+
+class ResultStore(Protocol):
+    async def is_recorded(self, alert_id: str) -> bool:
+        """True when an outcome for ``alert_id`` is already committed.
+
+        Raises ``StoreUnavailable`` when the store cannot answer.
+        """
+        ...
+
+    async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
+        """Commit the outcome and its webhook outbox row in one transaction.
+
+        Idempotent by alert id: returns False, writing nothing, when an outcome
+        for that alert is already stored (so a duplicate gets no second
+        webhook). Returns only after the commit. Raises ``StoreUnavailable``
+        when nothing could be committed.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDelivery:
+    """One outbox row claimed for delivery. ``webhook_id`` is stable across attempts."""
+
+    delivery_id: int
+    webhook_id: str
+    alert_id: str
+    url: str
+    body: bytes
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What one POST attempt gave.
+
+    ``ok``: a 2xx. ``gone``: 410, stop trying. ``permanent``: retrying cannot
+    help (forbidden address, bad URL). ``retry_after``: seconds the receiver
+    asked us to wait.
+    """
+
+    ok: bool
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    gone: bool = False
+    permanent: bool = False
+    duration_s: float = 0.0
+
+
+class WebhookOutbox(Protocol):
+    async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
+        """Claim up to ``limit`` deliveries that are due, for ``lease_s`` seconds.
+
+        A claimed row is not handed to anyone else until its lease runs out,
+        so a process that dies mid-delivery delays it, never loses it. Raises
+        ``StoreUnavailable``.
+        """
+        ...
+
+    async def record_attempt(
+        self, delivery: PendingDelivery, result: DeliveryResult,
+        *, next_attempt_at: dt.datetime | None,
+    ) -> None:
+        """Record one attempt. ``ok`` or ``gone`` or no ``next_attempt_at`` ends the row.
+
+        Raises ``StoreUnavailable``; the lease then expires and the row is
+        tried again (the receiver deduplicates by ``webhook-id``).
+        """
+        ...
+
+
+class WebhookSender(Protocol):
+    async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
+        """POST the body, signed, to the delivery's URL; never raises for HTTP outcomes."""
+        ...
