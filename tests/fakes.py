@@ -1,0 +1,141 @@
+"""Recording fakes of the ports, shared by every unit test."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent
+from alertd.errors import ProcessingError, StoreUnavailable
+from alertd.ports import DeliveryResult, PendingDelivery
+
+VIDEO_METADATA: JSON = {
+    "duration_s": 2.0,
+    "format_name": "mov,mp4,m4a,3gp,3g2,mj2",
+    "bit_rate": 123456,
+    "video": {"codec": "h264", "width": 320, "height": 240, "fps": 25.0, "pix_fmt": "yuv420p"},
+    "audio": {"codec": "aac", "sample_rate": 44100, "channels": 1},
+    "streams": [
+        {"index": 0, "codec_type": "video", "codec_name": "h264"},
+        {"index": 1, "codec_type": "audio", "codec_name": "aac"},
+    ],
+}
+
+
+@dataclass
+class FakeFetcher:
+    """Serves ``videos`` by URL; a URL mapped to an error raises it."""
+
+    videos: dict[str, DownloadedVideo | ProcessingError] = field(default_factory=dict)
+    fetched: list[str] = field(default_factory=list)
+    open_files: int = 0
+
+    @asynccontextmanager
+    async def fetch_video(self, url: str) -> AsyncIterator[DownloadedVideo]:
+        self.fetched.append(url)
+        found = self.videos.get(url, DownloadedVideo(f"/tmp/fake/{len(self.fetched)}", 1000, "ab" * 32))
+        if isinstance(found, ProcessingError):
+            raise found
+        self.open_files += 1
+        try:
+            yield found
+        finally:
+            self.open_files -= 1
+
+
+@dataclass
+class FakeProber:
+    metadata: JSON = field(default_factory=lambda: dict(VIDEO_METADATA))
+    errors: dict[str, ProcessingError] = field(default_factory=dict)
+    probed: list[str] = field(default_factory=list)
+
+    async def probe(self, path: str) -> JSON:
+        self.probed.append(path)
+        if path in self.errors:
+            raise self.errors[path]
+        return dict(self.metadata)
+
+
+@dataclass
+class InMemoryStore:
+    """Rows and outbox by alert id; ``outages`` calls fail with StoreUnavailable first."""
+
+    rows: dict[str, Outcome] = field(default_factory=dict)
+    outbox: list[WebhookEvent] = field(default_factory=list)
+    outages: int = 0
+    calls: int = 0
+
+    def _maybe_unavailable(self) -> None:
+        self.calls += 1
+        if self.outages > 0:
+            self.outages -= 1
+            raise StoreUnavailable("fake outage")
+
+    async def is_recorded(self, alert_id: str) -> bool:
+        self._maybe_unavailable()
+        return alert_id in self.rows
+
+    async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
+        self._maybe_unavailable()
+        if outcome.alert.alert_id in self.rows:
+            return False
+        self.rows[outcome.alert.alert_id] = outcome
+        if event is not None:
+            self.outbox.append(event)
+        return True
+
+
+@dataclass
+class InMemoryOutbox:
+    """A WebhookOutbox: ``pending`` rows, ``attempts`` recorded, ``finished`` rows."""
+
+    pending: list[PendingDelivery] = field(default_factory=list)
+    attempts: list[tuple[PendingDelivery, DeliveryResult, dt.datetime | None]] = field(
+        default_factory=list)
+    due_at: dict[int, dt.datetime] = field(default_factory=dict)
+    finished: dict[int, str] = field(default_factory=dict)
+
+    async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
+        now = dt.datetime.now(dt.UTC)
+        due = [d for d in self.pending
+               if d.delivery_id not in self.finished
+               and self.due_at.get(d.delivery_id, now) <= now][:limit]
+        for d in due:
+            self.due_at[d.delivery_id] = now + dt.timedelta(seconds=lease_s)
+        return due
+
+    async def record_attempt(
+        self, delivery: PendingDelivery, result: DeliveryResult,
+        *, next_attempt_at: dt.datetime | None,
+    ) -> None:
+        self.attempts.append((delivery, result, next_attempt_at))
+        index = self.pending.index(next(p for p in self.pending
+                                         if p.delivery_id == delivery.delivery_id))
+        if result.ok or result.gone or next_attempt_at is None:
+            self.finished[delivery.delivery_id] = (
+                "delivered" if result.ok else "gone" if result.gone else "failed")
+            return
+        self.pending[index] = PendingDelivery(
+            delivery.delivery_id, delivery.webhook_id, delivery.alert_id, delivery.url,
+            delivery.body, delivery.attempts + 1)
+        self.due_at[delivery.delivery_id] = next_attempt_at
+
+
+@dataclass
+class RecordingSender:
+    """A WebhookSender answering from ``script`` (then ok); ``sent`` records every call."""
+
+    script: list[DeliveryResult] = field(default_factory=list)
+    sent: list[PendingDelivery] = field(default_factory=list)
+
+    async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
+        self.sent.append(delivery)
+        if self.script:
+            return self.script.pop(0)
+        return DeliveryResult(ok=True, status_code=200)
+
+
+async def no_sleep(seconds: float) -> None:
+    """A Sleep that returns at once, for the service's store waits."""

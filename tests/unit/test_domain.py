@@ -1,0 +1,85 @@
+"""Message validation: every bad body gets a specific reason, good ones an Alert."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import orjson
+import pytest
+
+from alertd.domain import MAX_BODY_BYTES, format_time, parse_alert
+from alertd.errors import InvalidMessage
+
+
+def parse(doc: object, default: str | None = None):  # type: ignore[no-untyped-def]
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return parse_alert(body, default_webhook_url=default)
+
+
+GOOD = {"alert_id": "cam-1/evt-9", "video_url": "https://clips.example/v.mp4",
+        "webhook_url": "https://hooks.example/alerts"}
+
+
+def test_a_complete_message_becomes_an_alert_and_unknown_keys_are_ignored() -> None:
+    alert = parse({**GOOD, "occurred_at": "2026-11-28T10:00:00Z", "source": "cam",
+                   "attributes": {"zone": "north"}, "extra": [1, 2]})
+    assert alert.alert_id == "cam-1/evt-9"
+    assert alert.occurred_at == dt.datetime(2026, 11, 28, 10, tzinfo=dt.UTC)
+    assert alert.attributes == {"zone": "north"}
+    assert alert.source == "cam"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"\xff\xfe not utf8", "not_utf8"),
+    (b"{not json", "invalid_json"),
+    (b"[1, 2]", "not_an_object: body is a JSON array"),
+    (b'"text"', "not_an_object: body is a JSON string"),
+    ({"video_url": "http://x/v"}, "missing_field: alert_id"),
+    ({"alert_id": 5, "video_url": "http://x/v", "webhook_url": "http://h/"},
+     "invalid_field: alert_id must be a string, got number"),
+    ({"alert_id": "", "video_url": "http://x/v", "webhook_url": "http://h/"},
+     "invalid_field: alert_id must be 1..128 characters, got 0"),
+    ({"alert_id": "x" * 10_000, "video_url": "http://x/v", "webhook_url": "http://h/"},
+     "invalid_field: alert_id must be 1..128 characters, got 10000"),
+    ({"alert_id": "a", "webhook_url": "http://h/"}, "missing_field: video_url"),
+    ({"alert_id": "a", "video_url": "ftp://x/v", "webhook_url": "http://h/"},
+     "invalid_field: video_url scheme must be http or https"),
+    ({"alert_id": "a", "video_url": "file:///etc/passwd", "webhook_url": "http://h/"},
+     "invalid_field: video_url scheme must be http or https"),
+    ({"alert_id": "a", "video_url": "http:///nohost", "webhook_url": "http://h/"},
+     "invalid_field: video_url has no host"),
+    ({"alert_id": "a", "video_url": "http://x/v"}, "missing_field: webhook_url"),
+    ({"alert_id": "a", "video_url": "http://x/v", "webhook_url": "gopher://h/"},
+     "invalid_field: webhook_url scheme"),
+    ({**GOOD, "occurred_at": "yesterday"}, "invalid_field: occurred_at is not RFC 3339"),
+    ({**GOOD, "occurred_at": "2026-11-28T10:00:00"}, "invalid_field: occurred_at needs"),
+    ({**GOOD, "attributes": [1]}, "invalid_field: attributes must be an object, got array"),
+    ({**GOOD, "source": 3}, "invalid_field: source must be a string"),
+])
+def test_a_bad_message_is_refused_with_a_specific_reason(body: object, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse(body)
+    assert info.value.reason.startswith(reason)
+
+
+def test_a_huge_body_is_refused_before_parsing() -> None:
+    with pytest.raises(InvalidMessage, match="body_too_large"):
+        parse(b" " * (MAX_BODY_BYTES + 1))
+
+
+def test_deeply_nested_attributes_are_refused_without_recursion() -> None:
+    nested: object = {}
+    for _ in range(200):
+        nested = {"a": nested}
+    with pytest.raises(InvalidMessage, match="too_deep"):
+        parse({**GOOD, "attributes": nested})
+
+
+def test_the_default_webhook_url_makes_webhook_url_optional() -> None:
+    alert = parse({"alert_id": "a", "video_url": "http://x/v"}, default="http://d/h")
+    assert alert.webhook_url is None
+
+
+def test_times_are_formatted_rfc3339_utc_with_milliseconds() -> None:
+    value = dt.datetime(2026, 1, 2, 4, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    assert format_time(value) == "2026-01-02T03:04:05.123Z"
