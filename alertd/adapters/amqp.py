@@ -1,0 +1,332 @@
+"""AMQP adapter: the topology, a reconnecting aiormq consumer, and the one place that acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+import aiormq.abc
+from pamqp import commands as spec
+from yarl import URL
+
+from alertd.config import Settings, mask_url
+from alertd.handler import (
+    ATTEMPT_HEADER,
+    ERROR_HEADER,
+    REASON_HEADER,
+    RECEIVED_AT_HEADER,
+    Ack,
+    DeadLetter,
+    Disposition,
+    InboundMessage,
+    Requeue,
+    Retry,
+)
+from alertd.stats import ChildStats
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[InboundMessage, int], Awaitable[Disposition]]
+
+DEFAULT_HEARTBEAT_S = 15
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 30.0
+
+
+class PublishRefused(Exception):
+    """The broker nacked a publish (e.g. a full queue with reject-publish)."""
+
+
+# Failures that mean "this message could not be settled over this channel".
+AMQP_FAILURES = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                 ConnectionError, OSError, PublishRefused)
+
+
+class ReconnectNeeded(Exception):
+    """The connection looks open but cannot serve us (e.g. our consumer was cancelled)."""
+
+
+
+def dlq_name(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def retry_queue_name(queue: str, delay_s: float) -> str:
+    # The delay is in the name: a queue's TTL cannot change once declared, so
+    # a new --retry-delay gets new queues instead of PRECONDITION_FAILED.
+    return f"{queue}.retry.{round(delay_s * 1000)}ms"
+
+
+def amqp_url(settings: Settings) -> URL:
+    url = URL(settings.amqp_url)
+    if "heartbeat" not in url.query:
+        url = url.update_query(heartbeat=DEFAULT_HEARTBEAT_S)
+    return url
+
+
+def topology(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """The queues alertd needs, with their arguments: main queue, DLQ, delay queues.
+
+    Shared by the consumer (aiormq) and ``alertd publish`` (pika) so both
+    declare exactly the same arguments.
+    """
+    queue, dlq = settings.queue, dlq_name(settings.queue)
+    main_args: dict[str, Any] = {
+        "x-queue-type": settings.queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq,
+    }
+    if settings.queue_type == "quorum":
+        # Backstop against a message that kills its child every time: after
+        # this many deliveries the broker itself dead-letters it.
+        main_args.update({
+            "x-delivery-limit": settings.delivery_limit,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        })
+    queues = [(dlq, {"x-queue-type": settings.queue_type}), (queue, main_args)]
+    for attempt in range(1, settings.max_attempts):
+        delay = settings.retry_delay_for(attempt)
+        queues.append((retry_queue_name(queue, delay), {
+            "x-queue-type": "classic",
+            "x-message-ttl": round(delay * 1000),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+        }))
+    return queues
+
+
+async def declare_topology(channel: aiormq.abc.AbstractChannel, settings: Settings) -> None:
+    """Declare every queue of :func:`topology` (idempotent, durable)."""
+    for name, arguments in topology(settings):
+        await channel.queue_declare(name, durable=True, arguments=arguments)
+
+
+async def publish_confirmed(
+    channel: aiormq.abc.AbstractChannel, queue: str, body: bytes,
+    properties: spec.Basic.Properties,
+) -> None:
+    """Publish persistently and wait for the broker's confirm; raise if it says no."""
+    confirm = await channel.basic_publish(
+        body, exchange="", routing_key=queue, properties=properties, mandatory=True,
+    )
+    if not isinstance(confirm, spec.Basic.Ack):
+        raise PublishRefused(f"broker refused the publish to {queue!r}: {confirm!r}")
+
+
+class AmqpConsumer:
+    """Consumes ``settings.queue`` with ``concurrency`` slots, reconnecting forever.
+
+    Each delivery runs in a task of ``tasks`` bounded by a semaphore of
+    ``concurrency`` (= prefetch), so slots stay bounded even while tasks from
+    a lost connection are still finishing.
+    """
+
+    def __init__(self, settings: Settings, handler: Handler, stats: ChildStats,
+                 *, name: str = "alertd") -> None:
+        self._settings = settings
+        self._handler = handler
+        self._stats = stats
+        self._name = name
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.consuming = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._broker_cancelled = asyncio.Event()
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+
+    async def run(self) -> None:
+        """Connect, consume, and reconnect with backoff until :meth:`stop_consuming`."""
+        delay = RECONNECT_FIRST_S
+        while not self._stopping.is_set():
+            try:
+                await self._connect_and_consume()
+                delay = RECONNECT_FIRST_S
+                await self._wait_for_trouble()
+            except (*AMQP_FAILURES, ReconnectNeeded, RuntimeError) as exc:
+                # RuntimeError: aiormq's "connection closed" while opening a channel.
+                log.warning("AMQP %s: %s", mask_url(self._settings.amqp_url), exc or type(exc))
+            finally:
+                self.consuming.clear()
+            if self._stopping.is_set():
+                break
+            await self._close_connection()
+            self._stats.count("amqp_reconnects")
+            log.info("AMQP reconnecting in %.1fs", delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _connect_and_consume(self) -> None:
+        self._broker_cancelled.clear()
+        async with asyncio.timeout(self._settings.connect_timeout):
+            self._connection = await aiormq.connect(
+                amqp_url(self._settings),
+                client_properties={"connection_name": f"{self._name} pid {os.getpid()}"},
+            )
+            channel = await self._connection.channel(publisher_confirms=True)
+            self._channel = channel
+            channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            await declare_topology(channel, self._settings)
+            await channel.basic_qos(prefetch_count=self._settings.concurrency)
+            ok = await channel.basic_consume(self._settings.queue, self._on_message, no_ack=False)
+        self._consumer_tag = ok.consumer_tag
+        self.consuming.set()
+        log.info("consuming %r with %d slots", self._settings.queue, self._settings.concurrency)
+
+    async def _wait_for_trouble(self) -> None:
+        assert self._connection is not None and self._channel is not None
+        waiters = [
+            asyncio.ensure_future(self._connection.closing),
+            asyncio.ensure_future(self._channel.closing),
+            asyncio.ensure_future(self._stopping.wait()),
+            asyncio.ensure_future(self._broker_cancelled.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self._broker_cancelled.is_set() and not self._stopping.is_set():
+            # A connection with zero consumers looks healthy and does nothing:
+            # start over so the consumer comes back.
+            raise ReconnectNeeded("the broker cancelled our consumer")
+        if not self._stopping.is_set():
+            raise ReconnectNeeded("connection or channel closed")
+
+    async def _on_broker_cancel(self, frame: Any) -> None:
+        self._broker_cancelled.set()
+
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        # aiormq runs this callback in a task it cancels when the channel
+        # closes; the work goes to a task of ours so a lost connection does
+        # not cancel an alert halfway through a commit.
+        task = asyncio.create_task(self._run_delivery(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_delivery(self, message: aiormq.abc.DeliveredMessage) -> None:
+        if self._stopping.is_set():
+            await self._settle(message, Requeue())
+            return
+        props = message.header.properties
+        inbound = InboundMessage(
+            body=message.body,
+            headers=dict(props.headers or {}),
+            redelivered=bool(getattr(message.delivery, "redelivered", False)),
+        )
+        async with self._slots:
+            slot = self._stats.open_slot()
+            try:
+                disposition = await self._handler(inbound, slot)
+            except asyncio.CancelledError:
+                await self._settle(message, Requeue())
+                raise
+            except Exception as exc:
+                log.exception("unexpected error while handling a message")
+                disposition = self._after_bug(inbound, exc)
+            finally:
+                self._stats.close_slot(slot)
+        await self._settle(message, disposition)
+
+    def _after_bug(self, inbound: InboundMessage, exc: Exception) -> Disposition:
+        """An unexpected exception is retried like a transient error, then dead-lettered.
+
+        Requeueing it would spin on the same message forever.
+        """
+        self._stats.count("internal_errors")
+        attempt = inbound.headers.get(ATTEMPT_HEADER)
+        number = attempt if isinstance(attempt, int) else 1
+        if number >= self._settings.max_attempts:
+            return DeadLetter(f"internal_error: {type(exc).__name__}: {exc}"[:500])
+        received = inbound.headers.get(RECEIVED_AT_HEADER)
+        received_ms = received if isinstance(received, int) else int(
+            dt.datetime.now(dt.UTC).timestamp() * 1000)
+        return Retry(number + 1, self._settings.retry_delay_for(number), received_ms,
+                     f"internal_error: {type(exc).__name__}")
+
+    async def _settle(self, message: aiormq.abc.DeliveredMessage, disposition: Disposition) -> None:
+        """Apply a disposition: the only place alertd acks, nacks or republishes."""
+        channel, tag = message.channel, message.delivery_tag
+        assert tag is not None
+        try:
+            match disposition:
+                case Ack():
+                    await channel.basic_ack(tag)
+                case Requeue():
+                    await channel.basic_nack(tag, requeue=True)
+                case DeadLetter(reason):
+                    props = _republished(message, {
+                        REASON_HEADER: reason,
+                        "x-alertd-dead-lettered-at": dt.datetime.now(dt.UTC).isoformat(),
+                        "x-alertd-queue": self._settings.queue,
+                    })
+                    await publish_confirmed(channel, dlq_name(self._settings.queue),
+                                            message.body, props)
+                    await channel.basic_ack(tag)
+                    self._stats.count("dead_lettered")
+                case Retry(attempt, delay_s, received_at_ms, error):
+                    props = _republished(message, {
+                        ATTEMPT_HEADER: attempt,
+                        RECEIVED_AT_HEADER: received_at_ms,
+                        ERROR_HEADER: error[:500],
+                    })
+                    await publish_confirmed(
+                        channel, retry_queue_name(self._settings.queue, delay_s),
+                        message.body, props)
+                    await channel.basic_ack(tag)
+        except AMQP_FAILURES as exc:
+            # The channel is gone: the broker requeues everything unacked on
+            # it, so this delivery comes back (and is deduplicated by id).
+            log.warning("could not settle delivery (%s); the broker will redeliver it", exc)
+
+    async def stop_consuming(self) -> None:
+        """Stop intake at once (basic.cancel); acks still flow for in-flight alerts."""
+        self._stopping.set()
+        self.consuming.clear()
+        channel, tag = self._channel, self._consumer_tag
+        if channel is not None and tag is not None and not channel.is_closed:
+            with contextlib.suppress(*AMQP_FAILURES):
+                await asyncio.wait_for(channel.basic_cancel(tag), 5)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for in-flight alerts; requeue the rest. Returns how many."""
+        pending: set[asyncio.Task[None]] = set()
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        return len(pending)
+
+    async def close(self) -> None:
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*AMQP_FAILURES):
+                await asyncio.wait_for(connection.close(), 5)
+
+
+def _republished(message: aiormq.abc.DeliveredMessage,
+                 extra_headers: dict[str, Any]) -> spec.Basic.Properties:
+    props = message.header.properties
+    return spec.Basic.Properties(
+        content_type=props.content_type or "application/json",
+        delivery_mode=2,
+        headers={**(props.headers or {}), **extra_headers},
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        timestamp=props.timestamp,
+        app_id=props.app_id,
+    )

@@ -1,0 +1,23 @@
+"""Process exit codes: the one place they are defined (README "Exit codes" mirrors this)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+"""Clean stop: a graceful or fast shutdown finished."""
+
+EXIT_CRASH = 1
+"""An unexpected error; the master restarts such a child with backoff."""
+
+EXIT_USAGE = 2
+"""Bad command line (click's own code)."""
+
+EXIT_CONFIG = 3
+"""Bad configuration or database schema: refused at start. A child that exits
+with this makes the master halt with it too, instead of fork-looping."""
+
+EXIT_RECYCLED = 4
+"""A child left on purpose (--max-alerts-per-child / --max-memory-per-child);
+the master replaces it at once, without backoff."""
+
+EXIT_BOOT_LOOP = 5
+"""The master gave up: children kept dying before they ever consumed."""
