@@ -1,0 +1,86 @@
+"""The master's totals: children's cumulative stats folded into monotonic counters.
+
+A child reports counters cumulative since it started. The master adds the
+delta between two reports of the same pid to its own totals, so a child that
+dies or is recycled takes nothing with it: totals never go backwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from alertd.stats import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from alertd.handle import ChildHandle
+
+
+class Aggregate:
+    def __init__(self) -> None:
+        self.counters: Counter[tuple[str, ...]] = Counter()
+        self.hist_counts: dict[str, list[int]] = {}
+        self.hist_sums: dict[str, float] = {}
+        self.restarts = 0
+        self.hung = 0
+        self.cpu_s = 0.0
+        self.last_success_ts = 0.0
+        self._last: dict[int, dict[str, Any]] = {}
+        self._summary_base: Counter[tuple[str, ...]] = Counter()
+
+    def add(self, pid: int, beat: dict[str, Any]) -> None:
+        last = self._last.setdefault(pid, {"counters": {}, "hist": {}, "cpu": 0.0})
+        counters: dict[tuple[str, ...], int] = {}
+        for row in beat.get("counters", []):
+            key, value = tuple(str(k) for k in row[:-1]), int(row[-1])
+            counters[key] = value
+            delta = value - last["counters"].get(key, 0)
+            if delta > 0:
+                self.counters[key] += delta
+                if key[:2] == ("alerts", "done"):
+                    self.last_success_ts = time.time()
+        last["counters"] = counters
+        for name, hist in beat.get("histograms", {}).items():
+            before = last["hist"].get(name, {"counts": [0] * len(hist["counts"]), "sum": 0.0})
+            totals = self.hist_counts.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 1))
+            for i, (now, then) in enumerate(zip(hist["counts"], before["counts"], strict=False)):
+                totals[i] += max(0, now - then)
+            self.hist_sums[name] = self.hist_sums.get(name, 0.0) + max(
+                0.0, hist["sum"] - before["sum"])
+            last["hist"][name] = hist
+        cpu = float(beat.get("cpu_s", 0.0)) + float(beat.get("children_cpu_s", 0.0))
+        self.cpu_s += max(0.0, cpu - last["cpu"])
+        last["cpu"] = cpu
+
+    def child_gone(self, pid: int) -> None:
+        self._last.pop(pid, None)
+
+    def count_restart(self) -> None:
+        self.restarts += 1
+
+    def count_hung(self) -> None:
+        self.hung += 1
+
+    def processed(self) -> tuple[int, int]:
+        done = sum(v for k, v in self.counters.items() if k[:2] == ("alerts", "done"))
+        failed = sum(v for k, v in self.counters.items() if k[:2] == ("alerts", "failed"))
+        return done, failed
+
+    def status_line(self, children: Iterable[ChildHandle]) -> str:
+        kids = list(children)
+        consuming = sum(1 for c in kids if c.state == "consuming")
+        busy = sum(len(c.last_report.get("slots", [])) for c in kids)
+        done, failed = self.processed()
+        return (f"{consuming}/{len(kids)} children consuming, {busy} alerts in flight, "
+                f"{done} done, {failed} failed, {self.restarts} restarts")
+
+    def summary(self, children: Iterable[ChildHandle], window_s: float) -> str:
+        done, failed = self.processed()
+        base_done = sum(v for k, v in self._summary_base.items() if k[:2] == ("alerts", "done"))
+        base_failed = sum(v for k, v in self._summary_base.items()
+                          if k[:2] == ("alerts", "failed"))
+        self._summary_base = Counter(self.counters)
+        rate = (done + failed - base_done - base_failed) / window_s
+        return f"throughput {rate:.2f} alerts/s; " + self.status_line(children)

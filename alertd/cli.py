@@ -1,0 +1,257 @@
+"""The ``alertd`` command line: start, check-config, db migrate, publish, status."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import orjson
+
+from alertd import __version__
+from alertd.config import Settings, from_options, load_config_file
+from alertd.errors import AlertdError, ConfigError
+from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
+
+SIGNALS_HELP = """
+\b
+Signals (to the master):
+  TERM, INT  graceful: stop intake, finish in-flight alerts within
+             --graceful-timeout, requeue the rest, exit 0; a second one
+             stops fast
+  QUIT       fast: children exit now; unacked alerts are redelivered
+  HUP        reload the config file; replace children one by one
+  TTIN/TTOU  one child more / fewer (the removed one drains first)
+  USR1       reopen logs
+\b
+Exit codes: 0 stopped cleanly, 1 crashed, 2 bad usage,
+3 bad configuration (also when a child refuses it at boot).
+"""
+
+_D = Settings()
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _opt(name: str, *decls: str, **kwargs: Any) -> Decorator:
+    """An option settable as ``--name``, env ``ALERTD_NAME`` and ``name`` in the file."""
+    env = "ALERTD_" + name.upper().replace("-", "_")
+    kwargs.setdefault("show_default", True)
+    kwargs.setdefault("show_envvar", True)
+    return click.option(f"--{name}", *decls, envvar=env, **kwargs)
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Eager --config: the file's values become click's default_map (below env and flags)."""
+    if not value:
+        return None
+    known = {p.name for p in ctx.command.params if p.name} | {"webhook_secret"}
+    if "allow_networks" in known:
+        known.add("allow_network")  # the flag's spelling works in the file too
+    values = load_config_file(value, known)
+    ctx.meta["webhook_secret_from_file"] = values.pop("webhook_secret", None)
+    if "allow_network" in values:
+        values["allow_networks"] = values.pop("allow_network")
+    if isinstance(values.get("allow_networks"), str):
+        values["allow_networks"] = [values["allow_networks"]]
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+config_option = click.option(
+    "--config", envvar="ALERTD_CONFIG", is_eager=True, expose_value=False,
+    callback=_load_config, type=click.Path(dir_okay=False),
+    help="TOML file of option values (keys as option names, e.g. amqp_url = \"...\").",
+    show_envvar=True)
+
+DAEMON_OPTIONS: list[Decorator] = [
+    config_option,
+    _opt("workers", type=click.IntRange(1), default=_D.workers,
+         help="Children forked by the master."),
+    _opt("concurrency", type=click.IntRange(1, 65535), default=_D.concurrency,
+         help="CONCURRENT_TASKS: slots per child, also its AMQP prefetch."),
+    _opt("amqp-url", default=_D.amqp_url, help="Broker URL; the vhost is the URL's path."),
+    _opt("queue", default=_D.queue, help="Queue to consume; DLQ is <queue>.dlq."),
+    _opt("queue-type", type=click.Choice(["quorum", "classic"]), default=_D.queue_type,
+         help="Type of the queues alertd declares."),
+    _opt("delivery-limit", type=click.IntRange(2), default=_D.delivery_limit,
+         help="Quorum queues: deliveries before the broker dead-letters a message."),
+    _opt("dsn", default=_D.dsn, help="PostgreSQL connection URL."),
+    _opt("db-pool-size", type=click.IntRange(1), default=_D.db_pool_size,
+         help="Database connections per child."),
+    _opt("metrics-host", default=_D.metrics_host, help="Address for --metrics-port."),
+    _opt("metrics-port", type=click.IntRange(0, 65535), default=_D.metrics_port,
+         help="Serve /metrics, /healthz, /readyz here (0 = off)."),
+    _opt("control-socket", default="/tmp/alertd.sock",
+         help="Unix socket the master answers 'alertd status' on ('' = off)."),
+    _opt("allow-network", "allow_networks", multiple=True, default=(),
+         help="CIDR that clips and webhooks may reach although private or loopback "
+              "(repeatable; env: space separated)."),
+    _opt("max-download-bytes", type=click.IntRange(1), default=_D.max_download_bytes,
+         help="Largest clip accepted."),
+    _opt("download-timeout", type=float, default=_D.download_timeout,
+         help="Seconds for a whole download."),
+    _opt("connect-timeout", type=float, default=_D.connect_timeout,
+         help="Seconds to connect (HTTP and AMQP)."),
+    _opt("download-dir", default=None, help="Where temp files go (default: system temp)."),
+    _opt("prober", type=click.Choice(["ffprobe"]), default=_D.prober,
+         help="Metadata extractor."),
+    _opt("probe-timeout", type=float, default=_D.probe_timeout,
+         help="Seconds before a probe is killed."),
+    _opt("max-attempts", type=click.IntRange(1), default=_D.max_attempts,
+         help="Tries of an alert on transient errors before it is recorded failed."),
+    _opt("retry-delay", type=float, default=_D.retry_delay,
+         help="Seconds before the 2nd attempt; doubles for each next one."),
+    _opt("graceful-timeout", type=float, default=_D.graceful_timeout,
+         help="Seconds to finish in-flight alerts on TERM."),
+    _opt("webhook-url", default=None, help="Webhook for alerts that name none."),
+    _opt("webhook-timeout", type=float, default=_D.webhook_timeout,
+         help="Seconds per webhook attempt."),
+    _opt("webhook-max-attempts", type=click.IntRange(1), default=_D.webhook_max_attempts,
+         help="Webhook attempts before the outbox row is marked failed."),
+    _opt("heartbeat-timeout", type=float, default=_D.heartbeat_timeout,
+         help="Seconds without a heartbeat before a child is killed as hung."),
+    _opt("max-alerts-per-child", type=click.IntRange(0), default=_D.max_alerts_per_child,
+         help="Recycle a child after about this many alerts (0 = never)."),
+    _opt("max-memory-per-child", type=click.IntRange(0), default=_D.max_memory_per_child,
+         help="Recycle a child above this RSS in bytes (0 = never)."),
+    _opt("pidfile", default=None, help="Write the master's pid here."),
+    _opt("log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+         default=_D.log_level),
+    _opt("log-format", type=click.Choice(["text", "json"]), default=_D.log_format),
+]
+
+
+def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for decorate in reversed(DAEMON_OPTIONS):
+        func = decorate(func)
+    return func
+
+
+def settings_from(ctx: click.Context, options: dict[str, Any]) -> Settings:
+    secret = os.environ.get("ALERTD_WEBHOOK_SECRET") or ctx.meta.get("webhook_secret_from_file")
+    return from_options(options, webhook_secret=secret)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="alertd")
+def cli() -> None:
+    """alertd: RabbitMQ video alerts -> probed, stored (PostgreSQL) and delivered (webhooks).
+
+    Secrets never go on the command line: the webhook secret comes from
+    ALERTD_WEBHOOK_SECRET or webhook_secret in the config file
+    ("whsec_<base64>"; several, space separated, while rotating).
+    """
+
+
+@cli.command(epilog=SIGNALS_HELP)
+@daemon_options
+@click.pass_context
+def start(ctx: click.Context, /, control_socket: str, **options: Any) -> None:
+    """Run the master and its children until TERM/INT."""
+    from alertd.logs import setup_logging
+    from alertd.master import Arbiter
+
+    settings = settings_from(ctx, options)
+    setup_logging(settings.log_level, settings.log_format)
+    args = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "start" else []
+
+    def reload() -> Settings:
+        # Re-resolve flags, env and the config file exactly as at start.
+        with start.make_context("start", list(args)) as again:
+            params = dict(again.params)
+            params.pop("control_socket", None)
+            return settings_from(again, params)
+
+    code = Arbiter(settings, reload=reload, control_socket=control_socket or None).run()
+    sys.exit(code)
+
+
+@cli.command("check-config")
+@daemon_options
+@click.pass_context
+def check_config(ctx: click.Context, /, control_socket: str, **options: Any) -> None:
+    """Validate the settings and print them, secrets masked."""
+    settings = settings_from(ctx, options)
+    shown = {**settings.masked(), "control_socket": control_socket}
+    click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@config_option
+@_opt("dsn", default=_D.dsn, help="PostgreSQL connection URL.")
+def migrate(dsn: str) -> None:
+    """Create or upgrade the schema (idempotent, safe to run concurrently)."""
+    from alertd.adapters.postgres import migrate as run_migrations
+
+    version = run_migrations(dsn)
+    click.echo(f"schema at version {version}")
+
+
+@cli.command()
+@config_option
+@_opt("amqp-url", default=_D.amqp_url, help="Broker URL.")
+@_opt("queue", default=_D.queue, help="Queue to publish to.")
+@_opt("queue-type", type=click.Choice(["quorum", "classic"]), default=_D.queue_type)
+@click.option("--file", "-f", "path", type=click.File("rb"),
+              help="JSON-lines file of alerts ('-' for stdin).")
+@click.argument("alerts", nargs=-1)
+def publish(amqp_url: str, queue: str, queue_type: str, path: Any, alerts: tuple[str, ...]
+            ) -> None:
+    """Publish ALERTS (JSON objects) and/or a JSON-lines file, with publisher confirms.
+
+    Bodies are sent exactly as given, so invalid ones can be used to test the
+    dead-letter queue. The queues are declared first, as alertd declares them.
+    """
+    from alertd.publish import publish_bodies
+
+    bodies = [a.encode() for a in alerts]
+    if path is not None:
+        bodies += [line.rstrip(b"\r\n") for line in path if line.strip()]
+    if not bodies:
+        raise click.UsageError("nothing to publish: give ALERTS or --file")
+    settings = Settings(amqp_url=amqp_url, queue=queue, queue_type=queue_type)
+    count = publish_bodies(settings, bodies)
+    click.echo(f"published {count} alerts to {queue!r} (confirmed)")
+
+
+@cli.command()
+@_opt("control-socket", default="/tmp/alertd.sock", help="The master's control socket.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document.")
+def status(control_socket: str, as_json: bool) -> None:
+    """Live view of the master: children, their slots and what each one is doing."""
+    from alertd.statusclient import fetch_status, render_status
+
+    doc = fetch_status(control_socket)
+    click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json
+               else render_status(doc))
+
+
+def main() -> None:
+    """Entry point: every refusal is one line on stderr with a documented exit code."""
+    try:
+        cli.main(prog_name="alertd", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(f"alertd: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        click.echo(f"alertd: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(EXIT_CRASH)
+    except ConfigError as exc:
+        click.echo(f"alertd: config error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except AlertdError as exc:
+        click.echo(f"alertd: error: {exc}", err=True)
+        sys.exit(EXIT_CRASH)
+    sys.exit(0)
+

@@ -1,0 +1,343 @@
+"""The master: pre-forks children, supervises them from one small explicit loop.
+
+Signal handlers only enqueue the signal and wake the loop (self-pipe). Each
+tick the loop dispatches one signal to ``handle_<name>``, reads heartbeats,
+reaps dead children, kills hung ones and spawns missing ones. The master has
+no threads and no event loop, so ``fork()`` is safe at any tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+from alertd import sdnotify
+from alertd.aggregate import Aggregate
+from alertd.config import Settings
+from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED
+from alertd.handle import ChildHandle
+from alertd.statusview import MasterViews
+
+log = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+TICK_S = 0.25
+KILL_AFTER_ABORT_S = 5.0
+RESTART_BACKOFF_FIRST_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+# A child that consumed for this long has proven itself: its slot's backoff resets.
+STABLE_AFTER_S = 10.0
+SUMMARY_EVERY_S = 60.0
+
+
+class Arbiter:
+    """Decides how many children run, which to replace, and when the master stops."""
+
+    def __init__(self, settings: Settings, *, reload: Callable[[], Settings] | None = None,
+                 control_socket: str | None = None) -> None:
+        self.settings = settings
+        self.num_workers = settings.workers
+        self._reload = reload
+        self._control_path = control_socket
+        self.children: dict[int, ChildHandle] = {}
+        self.generation = 0
+        self.aggregate = Aggregate()
+        self.signals: list[int] = []
+        self.stopping: str | None = None  # None, "graceful" or "fast"
+        self.exit_code = EXIT_OK
+        self.started = time.monotonic()
+        self._stop_deadline = 0.0
+        self._failures: dict[int, int] = {}     # slot index -> consecutive crashes
+        self._not_before: dict[int, float] = {}  # slot index -> earliest respawn
+        self._replacing: dict[int, int] = {}    # new pid -> old pid (HUP rollover)
+        self._ready_sent = False
+        self._last_summary = time.monotonic()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self.views: MasterViews | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        try:
+            while True:
+                self._tick()
+                if self.stopping and not self.children:
+                    break
+        finally:
+            self._teardown()
+        log.info("master exiting with code %d", self.exit_code)
+        return self.exit_code
+
+    def _setup(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._enqueue_signal)
+        self.views = MasterViews(self, self._selector, self.settings, self._control_path)
+        if self.settings.pidfile:
+            _write_pidfile(self.settings.pidfile)
+        log.info("master pid %d starting %d children x %d slots", os.getpid(),
+                 self.num_workers, self.settings.concurrency)
+
+    def _teardown(self) -> None:
+        sdnotify.notify("STOPPING=1")
+        if self.views is not None:
+            self.views.close()
+        if self.settings.pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.pidfile)
+
+    def _tick(self) -> None:
+        for key, mask in self._selector.select(TICK_S):
+            key.data(mask)
+        if self.signals:
+            self._dispatch(self.signals.pop(0))
+        self.reap()
+        self.murder_hung()
+        if self.stopping:
+            self._enforce_stop_deadline()
+        else:
+            self.manage_children()
+        self._notify_systemd()
+        if self.views is not None:
+            self.views.expire()
+        self._log_summary()
+
+    # -- signals ---------------------------------------------------------------
+
+    def _enqueue_signal(self, signum: int, frame: object) -> None:
+        if signum != signal.SIGCHLD and len(self.signals) < 16:
+            self.signals.append(signum)
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.write(self._wake_w, b".")
+
+    def _drain_wakeups(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._wake_r, 512):
+                pass
+
+    def _dispatch(self, signum: int) -> None:
+        name = signal.Signals(signum).name.removeprefix("SIG").lower()
+        handler = getattr(self, f"handle_{name}", None)
+        if handler is not None:
+            handler()
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            self.handle_quit()
+            return
+        log.info("graceful stop: children finish in-flight alerts within %.0fs",
+                 self.settings.graceful_timeout)
+        self.stopping = "graceful"
+        self._stop_deadline = time.monotonic() + self.settings.graceful_timeout + 15
+        sdnotify.notify("STOPPING=1")
+        for child in self.children.values():
+            child.signal(signal.SIGTERM)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        log.info("fast stop: unacked alerts go back to the broker")
+        self.stopping = "fast"
+        self._stop_deadline = time.monotonic() + 10
+        sdnotify.notify("STOPPING=1")
+        for child in self.children.values():
+            child.signal(signal.SIGQUIT)
+
+    def handle_hup(self) -> None:
+        if self._reload is not None:
+            try:
+                new = self._reload()
+            except Exception as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+                return
+            self.settings = new
+            self.num_workers = new.workers
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self._ready_sent = False
+        self.generation += 1
+        log.info("reload: replacing children one by one (generation %d)", self.generation)
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        log.info("TTIN: %d children", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        self.num_workers = max(1, self.num_workers - 1)
+        log.info("TTOU: %d children", self.num_workers)
+
+    def handle_usr1(self) -> None:
+        # Logs go to stderr (journald or the container runtime), which has no
+        # file to reopen; children are told in case a handler was redirected.
+        for child in self.children.values():
+            child.signal(signal.SIGUSR1)
+
+    # -- supervision -------------------------------------------------------------
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            self._forget(child)
+            code = os.waitstatus_to_exitcode(status)
+            self._on_exit(child, code)
+
+    def _on_exit(self, child: ChildHandle, code: int) -> None:
+        self.aggregate.child_gone(child.pid)
+        in_flight = child.in_flight_alert_ids()
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        planned = child.retiring or self.stopping
+        level = logging.INFO if planned or code in (EXIT_OK, EXIT_RECYCLED) else logging.ERROR
+        log.log(level, "child %d pid %d ended (%s)%s", child.index, child.pid, how,
+                f"; in flight, to be redelivered: {in_flight}" if in_flight and not planned
+                else "")
+        if code == EXIT_CONFIG and not self.stopping:
+            log.error("a child refused the configuration: halting (exit %d)", EXIT_CONFIG)
+            self.exit_code = EXIT_CONFIG
+            self.handle_term()
+            return
+        if planned or code == EXIT_RECYCLED:
+            return
+        self.aggregate.count_restart()
+        if child.consumed_for() >= STABLE_AFTER_S:
+            self._failures[child.index] = 0
+        failures = self._failures.get(child.index, 0) + 1
+        self._failures[child.index] = failures
+        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_FIRST_S * 2 ** (failures - 1))
+        self._not_before[child.index] = time.monotonic() + delay
+        log.warning("child %d will be replaced in %.1fs (crash %d in a row)",
+                    child.index, delay, failures)
+
+    def murder_hung(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.killed_at is not None:
+                if now - child.killed_at > KILL_AFTER_ABORT_S:
+                    child.signal(signal.SIGKILL)
+                continue
+            silent = now - child.last_beat
+            if silent > self.settings.heartbeat_timeout:
+                log.error("child %d pid %d hung: no heartbeat for %.1fs; killing it; "
+                          "in flight, to be redelivered: %s", child.index, child.pid, silent,
+                          child.in_flight_alert_ids())
+                child.killed_at = now
+                self.aggregate.count_hung()
+                child.signal(signal.SIGABRT)
+
+    def manage_children(self) -> None:
+        active = [c for c in self.children.values() if not c.retiring]
+        present = {c.index for c in active}
+        now = time.monotonic()
+        for index in range(self.num_workers):
+            if index not in present and now >= self._not_before.get(index, 0.0):
+                self.spawn(index)
+        for child in active:
+            if child.index >= self.num_workers:
+                self.retire(child)
+        self._roll_over(active)
+
+    def _roll_over(self, active: list[ChildHandle]) -> None:
+        """HUP: one child at a time, the new one consuming before the old one drains."""
+        for new_pid, old_pid in list(self._replacing.items()):
+            new, old = self.children.get(new_pid), self.children.get(old_pid)
+            if new is None or old is None:
+                del self._replacing[new_pid]
+            elif new.state == "consuming":
+                del self._replacing[new_pid]
+                self.retire(old)
+        if self._replacing:
+            return
+        for child in active:
+            if child.generation < self.generation and child.index < self.num_workers:
+                new = self.spawn(child.index)
+                self._replacing[new.pid] = child.pid
+                return
+
+    def spawn(self, index: int) -> ChildHandle:
+        inherited = [self._wake_r, self._wake_w, self._selector.fileno()]
+        inherited += [c.read_fd for c in self.children.values()]
+        if self.views is not None:
+            inherited += self.views.fds()
+        child = ChildHandle.spawn(self.settings, index, self.generation,
+                                  close_in_child=inherited)
+        self.children[child.pid] = child
+        self._selector.register(child.read_fd, selectors.EVENT_READ,
+                                lambda mask, c=child: self._read_child(c))
+        log.info("spawned child %d pid %d (generation %d)", index, child.pid, self.generation)
+        return child
+
+    def retire(self, child: ChildHandle) -> None:
+        if not child.retiring:
+            log.info("retiring child %d pid %d (graceful)", child.index, child.pid)
+            child.retiring = True
+            child.signal(signal.SIGTERM)
+
+    def _read_child(self, child: ChildHandle) -> None:
+        for beat in child.read_heartbeats():
+            self.aggregate.add(child.pid, beat)
+        if child.eof:
+            self._forget(child)
+
+    def _forget(self, child: ChildHandle) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(child.read_fd)
+        child.close()
+
+    def _enforce_stop_deadline(self) -> None:
+        if time.monotonic() > self._stop_deadline:
+            for child in self.children.values():
+                log.error("child %d pid %d did not stop in time: SIGKILL", child.index, child.pid)
+                child.signal(signal.SIGKILL)
+            self._stop_deadline = time.monotonic() + 5
+
+    # -- reporting ---------------------------------------------------------------
+
+    def all_consuming(self) -> bool:
+        active = [c for c in self.children.values() if not c.retiring]
+        return len(active) >= self.num_workers and all(c.state == "consuming" for c in active)
+
+    def heartbeats_fresh(self) -> bool:
+        now = time.monotonic()
+        return all(now - c.last_beat <= self.settings.heartbeat_timeout
+                   for c in self.children.values())
+
+    def _notify_systemd(self) -> None:
+        if not sdnotify.enabled() or self.stopping:
+            return
+        if not self._ready_sent and self.all_consuming() and not self._replacing:
+            sdnotify.notify("READY=1")
+            self._ready_sent = True
+        if self.heartbeats_fresh():
+            sdnotify.notify_watchdog()
+        sdnotify.notify(f"STATUS={self.aggregate.status_line(self.children.values())}",
+                        throttle_s=1.0)
+
+    def _log_summary(self) -> None:
+        now = time.monotonic()
+        if now - self._last_summary >= SUMMARY_EVERY_S:
+            self._last_summary = now
+            log.info("%s", self.aggregate.summary(self.children.values(), SUMMARY_EVERY_S))
+
+
+def _write_pidfile(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
