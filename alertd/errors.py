@@ -1,7 +1,7 @@
 """Errors that cross the boundary between adapters and the use case.
 
 Adapters translate every library exception into one of these at the boundary
-(``raise TransientError(...) from exc``), so the service never sees an aiohttp,
+(``raise TransientError(...) from None``), so the service never sees an aiohttp,
 psycopg or aiormq exception. The split decides what happens to an alert:
 a transient error is retried with backoff, a permanent one fails the alert at
 once with its stable :class:`ErrorCode`.

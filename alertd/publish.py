@@ -21,10 +21,9 @@ def publish_bodies(settings: Settings, bodies: Iterable[bytes]) -> int:
         raise AlertdError(f"cannot connect to the broker: {exc!r}") from None
     count = 0
     try:
+        ensure_queue(connection, settings)
         channel = connection.channel()
         channel.confirm_delivery()
-        for name, arguments in topology(settings):
-            channel.queue_declare(name, durable=True, arguments=arguments)
         props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
         for body in bodies:
             # With confirms on, basic_publish returns once the broker has the
@@ -37,3 +36,24 @@ def publish_bodies(settings: Settings, bodies: Iterable[bytes]) -> int:
         if connection.is_open:
             connection.close()
     return count
+
+
+def ensure_queue(connection: pika.BlockingConnection, settings: Settings) -> None:
+    """Declare the main queue and its DLQ only if missing.
+
+    A running alertd owns the arguments (delivery limit, retry queues); a
+    passive declare first means the publisher never clashes with them.
+    """
+    channel = connection.channel()
+    try:
+        channel.queue_declare(settings.queue, passive=True)
+        channel.close()
+        return
+    except pika.exceptions.ChannelClosedByBroker:
+        pass  # 404: not declared yet; the passive declare closed the channel
+    channel = connection.channel()
+    wanted = {settings.queue, f"{settings.queue}.dlq"}
+    for name, arguments in topology(settings):
+        if name in wanted:
+            channel.queue_declare(name, durable=True, arguments=arguments)
+    channel.close()

@@ -1,0 +1,353 @@
+"""PostgreSQL adapter: the result store and the webhook outbox on one async pool."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, LiteralString, TypeAlias
+
+import orjson
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb, set_json_dumps, set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from alertd.adapters.schema import (
+    SCHEMA_VERSION,
+    check_schema,
+    first_line,
+    migrate,
+    require_schema_version,
+    schema_version,
+)
+from alertd.domain import Outcome, WebhookEvent
+from alertd.errors import StoreUnavailable
+from alertd.ports import DeliveryResult, PendingDelivery
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Pool",
+    "PostgresStore",
+    "UndeliveredWebhook",
+    "check_schema",
+    "migrate",
+    "open_pool",
+    "require_schema_version",
+    "schema_version",
+]
+
+Pool: TypeAlias = AsyncConnectionPool[AsyncConnection[TupleRow]]
+
+# What "the database is not there right now" looks like from psycopg: refused
+# or lost connections, terminated backends, server restarts, pool timeouts.
+# ProgrammingError, IntegrityError and DataError are bugs and stay loud.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+async def open_pool(
+    dsn: str,
+    size: int,
+    *,
+    checkout_timeout: float = 5.0,
+    reconnect_timeout: float = 30.0,
+    application_name: str = "alertd",
+) -> Pool:
+    """Open a pool on the running loop; returns at once even if the database is down.
+
+    Call it inside the child's ``serve()``, never at import or before fork.
+    ``checkout_timeout`` bounds each wait for a connection (then ``StoreUnavailable``).
+    """
+    pool: Pool = AsyncConnectionPool(
+        dsn,
+        min_size=size,
+        max_size=size,
+        open=False,
+        name=application_name,
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": max(2, math.ceil(checkout_timeout)),
+            "application_name": application_name,
+            # A silently vanished server (network partition, host down) is
+            # noticed in ~25 s instead of the kernel's ~2 h, so a query or
+            # checkout check cannot hang a slot for that long.
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 25_000,
+        },
+        configure=_use_orjson,
+        check=lambda conn: _check_and_sweep(conn, pool),
+        timeout=checkout_timeout,
+        # psycopg_pool backs off by doubling with no ceiling until it gives up
+        # on a slot; the slot is re-grown with a fresh backoff on the next
+        # request. A short give-up therefore bounds how long a pool waits after
+        # the database is back, and never makes the pool stop retrying.
+        reconnect_timeout=reconnect_timeout,
+    )
+    # wait=False: a database that is down at start is retried in the
+    # background; callers get StoreUnavailable meanwhile and back off.
+    await pool.open(wait=False)
+    return pool
+
+
+async def _check_and_sweep(conn: AsyncConnection[TupleRow], pool: Pool) -> None:
+    """Checkout check: a dead connection is discarded instead of failing a query.
+
+    One dead connection usually means all idle ones died with it (server
+    restart, failover). The pool alone would find them one checkout at a time
+    with a doubling backoff (1, 2, 4 s...), outlasting the checkout timeout;
+    sweeping the idle ones at once gets the caller a fresh connection at the
+    next try.
+    """
+    try:
+        await AsyncConnectionPool.check_connection(conn)
+    except Exception:
+        await pool.check()
+        raise
+
+
+async def _use_orjson(conn: AsyncConnection[TupleRow]) -> None:
+    set_json_dumps(orjson.dumps, conn)
+    set_json_loads(orjson.loads, conn)
+
+
+@dataclass(frozen=True, slots=True)
+class UndeliveredWebhook:
+    """An outbox row that is not delivered, as an operator lists it."""
+
+    webhook_id: str
+    alert_id: str
+    url: str
+    status: str
+    attempts: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    last_status_code: int | None
+    created_at: dt.datetime
+
+
+class PostgresStore:
+    """``ResultStore`` and ``WebhookOutbox`` on PostgreSQL.
+
+    Every method is one short transaction on a pooled connection and raises
+    ``StoreUnavailable`` (never a psycopg error) when the database cannot be
+    reached; a failed transaction commits nothing.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        try:
+            # The pool sees the original error first, so it discards a broken
+            # connection before we translate the error for the caller.
+            async with self._pool.connection() as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
+
+    async def check_schema(self) -> None:
+        """Raise ``ConfigError`` unless the schema is at ``SCHEMA_VERSION``."""
+        async with self._connection() as conn:
+            await check_schema(conn)
+
+    async def is_recorded(self, alert_id: str) -> bool:
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT 1 FROM alerts WHERE alert_id = %s", (alert_id,))
+            return await cur.fetchone() is not None
+
+    async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
+        alert = outcome.alert
+        async with self._connection() as conn, conn.transaction():
+            cur = await conn.execute(_INSERT_ALERT, {
+                "alert_id": alert.alert_id,
+                "status": str(outcome.status),
+                "metadata": _jsonb(outcome.metadata),
+                "error": _jsonb(outcome.failure.to_json() if outcome.failure else None),
+                "attempts": outcome.attempts,
+                "received_at": outcome.received_at,
+                "processed_at": outcome.processed_at,
+                "source": alert.source,
+                "occurred_at": alert.occurred_at,
+                "video_url": alert.video_url,
+            })
+            if await cur.fetchone() is None:
+                # Already stored by an earlier delivery of this alert: the
+                # first outcome wins and its webhook was already queued.
+                return False
+            if event is not None:
+                event_type = event.payload.get("type")
+                await conn.execute(_INSERT_OUTBOX, {
+                    "webhook_id": _new_webhook_id(),
+                    "alert_id": event.alert_id,
+                    "event_type": event_type if isinstance(event_type, str) else None,
+                    "url": event.url,
+                    "payload": _jsonb(event.payload),
+                    "body": orjson.dumps(event.payload),
+                })
+        return True
+
+    async def claim_due(self, limit: int, lease_s: float) -> list[PendingDelivery]:
+        if limit < 1:
+            return []
+        async with self._connection() as conn:
+            cur = await conn.execute(_CLAIM_DUE, {"limit": limit, "lease_s": float(lease_s)})
+            rows = await cur.fetchall()
+        deliveries = [
+            PendingDelivery(
+                delivery_id=row[0], webhook_id=row[1], alert_id=row[2],
+                url=row[3], body=bytes(row[4]), attempts=row[5],
+            )
+            for row in rows
+        ]
+        return sorted(deliveries, key=lambda d: d.delivery_id)
+
+    async def record_attempt(
+        self, delivery: PendingDelivery, result: DeliveryResult,
+        *, next_attempt_at: dt.datetime | None,
+    ) -> None:
+        status = _status_after(result, next_attempt_at)
+        async with self._connection() as conn, conn.transaction():
+            cur = await conn.execute(_UPDATE_OUTBOX, {
+                "id": delivery.delivery_id,
+                "status": status,
+                "next_attempt_at": next_attempt_at if status == "pending" else None,
+                "error": result.error,
+                "status_code": result.status_code,
+                "delivered": status == "delivered",
+            })
+            row = await cur.fetchone()
+            # No row: the lease ran out and another dispatcher already ended
+            # it; the attempt still happened, so it is logged, and the row's
+            # final status is not overwritten.
+            attempt = int(row[0]) if row else delivery.attempts + 1
+            await conn.execute(_INSERT_ATTEMPT, {
+                "outbox_id": delivery.delivery_id,
+                "attempt": attempt,
+                "status_code": result.status_code,
+                "error": result.error,
+                "duration_ms": round(result.duration_s * 1000),
+            })
+
+    async def list_undelivered(self, limit: int = 100) -> list[UndeliveredWebhook]:
+        """Pending, failed and gone rows, oldest first."""
+        async with self._connection() as conn:
+            cur = await conn.execute(_LIST_UNDELIVERED, (limit,))
+            rows = await cur.fetchall()
+        return [UndeliveredWebhook(*row) for row in rows]
+
+    async def retry_now(self, webhook_ids: Collection[str]) -> int:
+        """Make these undelivered webhooks due now, even failed or gone; return how many.
+
+        ``attempts`` is kept, so a failed row gets one more attempt unless the
+        dispatcher's limit allows more; its history stays in webhook_attempts.
+        """
+        if isinstance(webhook_ids, str):
+            raise TypeError("webhook_ids must be a collection of ids, not one string")
+        if not webhook_ids:
+            return 0
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                _RETRY_NOW + " AND webhook_id = ANY(%s)", (list(webhook_ids),)
+            )
+            return cur.rowcount
+
+    async def retry_all_now(self) -> int:
+        """Make every pending or failed webhook due now; ``gone`` rows stay gone."""
+        async with self._connection() as conn:
+            cur = await conn.execute(_RETRY_NOW + " AND status IN ('pending', 'failed')")
+            return cur.rowcount
+
+
+def _status_after(result: DeliveryResult, next_attempt_at: dt.datetime | None) -> str:
+    if result.ok:
+        return "delivered"
+    if result.gone:
+        return "gone"
+    if result.permanent or next_attempt_at is None:
+        return "failed"
+    return "pending"
+
+
+def _new_webhook_id() -> str:
+    # Same format as alertd.signing.new_webhook_id(), kept local so this
+    # adapter does not depend on the signing module; switch when it lands.
+    return "msg_" + uuid.uuid4().hex
+
+
+def _jsonb(value: Any) -> Jsonb | None:
+    # SQL NULL, not JSON null, for an absent value: the contract is
+    # "metadata is null when failed".
+    return None if value is None else Jsonb(value, dumps=orjson.dumps)
+
+
+_INSERT_ALERT: LiteralString = """
+    INSERT INTO alerts (alert_id, status, metadata, error, attempts, received_at,
+                        processed_at, source, occurred_at, video_url)
+    VALUES (%(alert_id)s, %(status)s, %(metadata)s, %(error)s, %(attempts)s, %(received_at)s,
+            %(processed_at)s, %(source)s, %(occurred_at)s, %(video_url)s)
+    ON CONFLICT (alert_id) DO NOTHING
+    RETURNING alert_id
+"""
+
+_INSERT_OUTBOX: LiteralString = """
+    INSERT INTO webhook_outbox (webhook_id, alert_id, event_type, url, payload, body)
+    VALUES (%(webhook_id)s, %(alert_id)s, %(event_type)s, %(url)s, %(payload)s, %(body)s)
+"""
+
+# SKIP LOCKED lets dispatchers in several processes claim disjoint rows without
+# waiting on each other; a row another claimer just committed is re-checked by
+# PostgreSQL and dropped since its next_attempt_at is now in the future. The
+# lease is the claim: no separate "in flight" state that a crash could strand.
+# A CTE, because a FOR UPDATE ... LIMIT subquery under IN may be re-run.
+_CLAIM_DUE: LiteralString = """
+    WITH due AS (
+        SELECT id FROM webhook_outbox
+        WHERE status = 'pending' AND next_attempt_at <= now()
+        ORDER BY next_attempt_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE webhook_outbox AS o
+    SET next_attempt_at = now() + make_interval(secs => %(lease_s)s)
+    FROM due
+    WHERE o.id = due.id
+    RETURNING o.id, o.webhook_id, o.alert_id, o.url, o.body, o.attempts
+"""
+
+_UPDATE_OUTBOX: LiteralString = """
+    UPDATE webhook_outbox
+    SET status = %(status)s,
+        attempts = attempts + 1,
+        next_attempt_at = coalesce(%(next_attempt_at)s, next_attempt_at),
+        last_error = %(error)s,
+        last_status_code = %(status_code)s,
+        delivered_at = CASE WHEN %(delivered)s THEN now() END
+    WHERE id = %(id)s AND status = 'pending'
+    RETURNING attempts
+"""
+
+_INSERT_ATTEMPT: LiteralString = """
+    INSERT INTO webhook_attempts (outbox_id, attempt, status_code, error, duration_ms)
+    VALUES (%(outbox_id)s, %(attempt)s, %(status_code)s, %(error)s, %(duration_ms)s)
+"""
+
+_LIST_UNDELIVERED: LiteralString = """
+    SELECT webhook_id, alert_id, url, status, attempts, next_attempt_at,
+           last_error, last_status_code, created_at
+    FROM webhook_outbox
+    WHERE status <> 'delivered'
+    ORDER BY created_at, id
+    LIMIT %s
+"""
+
+_RETRY_NOW: LiteralString = """
+    UPDATE webhook_outbox SET status = 'pending', next_attempt_at = now()
+    WHERE status <> 'delivered'
+"""

@@ -1,0 +1,540 @@
+"""PostgresStore and migrations against the real server: contract, concurrency, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from alertd.adapters.postgres import (
+    SCHEMA_VERSION,
+    Pool,
+    PostgresStore,
+    migrate,
+    open_pool,
+    schema_version,
+)
+from alertd.adapters.schema import MIGRATIONS
+from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event
+from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
+from alertd.ports import DeliveryResult, PendingDelivery
+from tests.fakes import VIDEO_METADATA
+
+pytestmark = pytest.mark.integration
+
+RECEIVED = dt.datetime(2026, 1, 2, 3, 4, 5, 123000, tzinfo=dt.UTC)
+PROCESSED = RECEIVED + dt.timedelta(seconds=7)
+OCCURRED = RECEIVED - dt.timedelta(minutes=1)
+HOOK = "https://hooks.test/alerts"
+APP = "alertd-test-store"
+
+
+def make_outcome(*, failed: bool = False, webhook_url: str | None = HOOK) -> Outcome:
+    alert = Alert(
+        alert_id=f"alert-{uuid.uuid4().hex}", video_url="https://clips.test/a.mp4",
+        webhook_url=webhook_url, occurred_at=OCCURRED, source="camera-7",
+        attributes={"site": "north"},
+    )
+    if failed:
+        failure = Failure(ErrorCode.NOT_A_VIDEO, "no video stream")
+        return Outcome.failed(alert, failure, attempts=1, received_at=RECEIVED,
+                              processed_at=PROCESSED)
+    return Outcome.done(alert, dict(VIDEO_METADATA), attempts=2, received_at=RECEIVED,
+                        processed_at=PROCESSED)
+
+
+def event_for(outcome: Outcome) -> WebhookEvent:
+    event = webhook_event(outcome, default_url=None)
+    assert event is not None
+    return event
+
+
+async def queue_webhooks(store: PostgresStore, count: int) -> list[str]:
+    alert_ids = []
+    for _ in range(count):
+        outcome = make_outcome()
+        assert await store.record_outcome(outcome, event_for(outcome))
+        alert_ids.append(outcome.alert.alert_id)
+    return alert_ids
+
+
+async def claim_one(store: PostgresStore) -> PendingDelivery:
+    claimed = await store.claim_due(10, lease_s=60)
+    assert len(claimed) == 1
+    return claimed[0]
+
+
+async def fetch(dsn: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture()
+async def pool(fresh_db: str) -> AsyncIterator[Pool]:
+    pool = await open_pool(fresh_db, 4, application_name=APP)
+    await pool.wait(timeout=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture()
+def store(pool: Pool) -> PostgresStore:
+    return PostgresStore(pool)
+
+
+@pytest.fixture()
+def unmigrated_db(pg_dsn: str) -> Iterator[str]:
+    name = f"alertd_test_raw_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_conninfo(pg_dsn, dbname=name)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        conn.execute(drop.format(sql.Identifier(name)))
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+def test_migrate_twice_is_a_no_op_that_returns_the_same_version(pg_dsn: str) -> None:
+    assert migrate(pg_dsn) == SCHEMA_VERSION
+    assert migrate(pg_dsn) == SCHEMA_VERSION
+    with psycopg.connect(pg_dsn) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert versions == [m.version for m in MIGRATIONS]
+
+
+def test_concurrent_migrates_of_a_new_database_apply_each_step_once(unmigrated_db: str) -> None:
+    with ThreadPoolExecutor(max_workers=4) as workers:
+        results = list(workers.map(migrate, [unmigrated_db] * 4))
+    assert results == [SCHEMA_VERSION] * 4
+    assert schema_version(unmigrated_db) == SCHEMA_VERSION
+    with psycopg.connect(unmigrated_db) as conn:
+        count = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
+    assert count == (len(MIGRATIONS),)
+
+
+def test_a_never_migrated_database_is_at_schema_version_zero(unmigrated_db: str) -> None:
+    assert schema_version(unmigrated_db) == 0
+
+
+def test_migrate_of_an_unreachable_database_raises_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable):
+        migrate(f"postgresql://postgres@127.0.0.1:{free_port()}/alertd")
+
+
+async def test_check_schema_accepts_a_database_at_this_version(store: PostgresStore) -> None:
+    await store.check_schema()
+
+
+async def test_check_schema_says_which_versions_differ_and_what_to_run(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await fetch(fresh_db, "DELETE FROM schema_migrations WHERE version = %s", (SCHEMA_VERSION,))
+    with pytest.raises(ConfigError) as info:
+        await store.check_schema()
+    assert str(info.value) == (
+        f"dsn: database schema is at version {SCHEMA_VERSION - 1}, expected {SCHEMA_VERSION}:"
+        " run 'alertd db migrate'"
+    )
+
+
+async def test_a_missing_table_is_a_loud_programming_error_not_store_unavailable(
+    unmigrated_db: str,
+) -> None:
+    pool = await open_pool(unmigrated_db, 1)
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await PostgresStore(pool).is_recorded("a-1")
+    finally:
+        await pool.close()
+
+
+# --- record_outcome -----------------------------------------------------------------------
+
+
+async def test_record_outcome_commits_the_alert_and_one_pending_outbox_row(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    outcome = make_outcome()
+    event = event_for(outcome)
+    assert await store.record_outcome(outcome, event) is True
+    assert await store.is_recorded(outcome.alert.alert_id) is True
+    rows = await fetch(fresh_db, """
+        SELECT webhook_id, event_type, url, payload, body, status, attempts,
+               next_attempt_at <= now(), delivered_at
+        FROM webhook_outbox WHERE alert_id = %s""", (outcome.alert.alert_id,))
+    assert len(rows) == 1
+    webhook_id, event_type, url, payload, body, status, attempts, due, delivered_at = rows[0]
+    assert webhook_id.startswith("msg_") and len(webhook_id) == 36
+    assert (event_type, url, status, attempts, due, delivered_at) == (
+        "alert.processed", HOOK, "pending", 0, True, None)
+    assert payload == event.payload
+    assert bytes(body) == orjson.dumps(event.payload)
+
+
+async def test_a_duplicate_alert_id_returns_false_and_leaves_one_row_and_one_webhook(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    first = make_outcome()
+    again = Outcome.failed(first.alert, Failure(ErrorCode.PROBE_CRASHED, "boom"), attempts=3,
+                           received_at=RECEIVED, processed_at=PROCESSED)
+    assert await store.record_outcome(first, event_for(first)) is True
+    assert await store.record_outcome(again, event_for(again)) is False
+    alert_id = first.alert.alert_id
+    assert await fetch(fresh_db, "SELECT status, attempts FROM alerts WHERE alert_id = %s",
+                       (alert_id,)) == [("done", 2)]
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox WHERE alert_id = %s",
+                       (alert_id,)) == [(1,)]
+
+
+async def test_an_outcome_without_a_webhook_event_queues_nothing(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    outcome = make_outcome(webhook_url=None)
+    assert await store.record_outcome(outcome, None) is True
+    assert await store.is_recorded(outcome.alert.alert_id)
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(0,)]
+
+
+ALERT_COLUMNS = """
+    SELECT status, metadata, error, metadata IS NULL, error IS NULL, attempts, received_at,
+           processed_at, source, occurred_at, video_url
+    FROM alerts WHERE alert_id = %s"""
+
+
+async def test_a_done_row_has_metadata_and_a_sql_null_error(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    outcome = make_outcome()
+    await store.record_outcome(outcome, event_for(outcome))
+    [row] = await fetch(fresh_db, ALERT_COLUMNS, (outcome.alert.alert_id,))
+    assert row == ("done", VIDEO_METADATA, None, False, True, 2, RECEIVED, PROCESSED,
+                   "camera-7", OCCURRED, "https://clips.test/a.mp4")
+
+
+async def test_a_failed_row_has_code_and_message_and_a_sql_null_metadata(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    outcome = make_outcome(failed=True)
+    await store.record_outcome(outcome, event_for(outcome))
+    [row] = await fetch(fresh_db, ALERT_COLUMNS, (outcome.alert.alert_id,))
+    assert row == ("failed", None, {"code": "not_a_video", "message": "no video stream"},
+                   True, False, 1, RECEIVED, PROCESSED, "camera-7", OCCURRED,
+                   "https://clips.test/a.mp4")
+    [(event_type,)] = await fetch(fresh_db, "SELECT event_type FROM webhook_outbox")
+    assert event_type == "alert.failed"
+
+
+# --- claim_due ----------------------------------------------------------------------------
+
+
+async def test_claim_due_hands_out_the_exact_stored_body_and_attempt_count(
+    store: PostgresStore,
+) -> None:
+    outcome = make_outcome()
+    event = event_for(outcome)
+    await store.record_outcome(outcome, event)
+    delivery = await claim_one(store)
+    assert delivery.alert_id == outcome.alert.alert_id
+    assert delivery.body == orjson.dumps(event.payload)
+    assert (delivery.url, delivery.attempts) == (HOOK, 0)
+
+
+async def test_concurrent_claimers_never_get_the_same_row(store: PostgresStore) -> None:
+    await queue_webhooks(store, 40)
+
+    async def claim_until_empty() -> list[int]:
+        mine: list[int] = []
+        while batch := await store.claim_due(3, lease_s=60):
+            mine.extend(d.delivery_id for d in batch)
+        return mine
+
+    claims = await asyncio.gather(*(claim_until_empty() for _ in range(4)))
+    everything = [i for claimed in claims for i in claimed]
+    assert len(everything) == len(set(everything)) == 40
+    assert sum(1 for claimed in claims if claimed) > 1, "claims did not overlap in time"
+
+
+async def test_a_claimed_row_is_reclaimed_only_after_its_lease_expires(
+    store: PostgresStore,
+) -> None:
+    await queue_webhooks(store, 1)
+    first = await store.claim_due(10, lease_s=1.0)
+    assert len(first) == 1
+    assert await store.claim_due(10, lease_s=1.0) == []
+    await asyncio.sleep(1.2)
+    assert await store.claim_due(10, lease_s=1.0) == first
+
+
+# --- record_attempt -----------------------------------------------------------------------
+
+
+OUTBOX_STATE = """
+    SELECT status, attempts, last_error, last_status_code, delivered_at IS NOT NULL
+    FROM webhook_outbox WHERE id = %s"""
+ATTEMPTS = """
+    SELECT attempt, status_code, error, duration_ms FROM webhook_attempts
+    WHERE outbox_id = %s ORDER BY id"""
+
+
+async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    delivery = await claim_one(store)
+    result = DeliveryResult(ok=True, status_code=204, duration_s=0.0421)
+    await store.record_attempt(delivery, result, next_attempt_at=None)
+    assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
+        ("delivered", 1, None, 204, True)]
+    assert await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,)) == [(1, 204, None, 42)]
+
+
+async def test_a_410_attempt_ends_the_row_as_gone(store: PostgresStore, fresh_db: str) -> None:
+    await queue_webhooks(store, 1)
+    delivery = await claim_one(store)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    result = DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True)
+    await store.record_attempt(delivery, result, next_attempt_at=later)
+    assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
+        ("gone", 1, "HTTP 410", 410, False)]
+
+
+async def test_a_failed_attempt_without_a_next_time_ends_the_row_as_failed(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    delivery = await claim_one(store)
+    result = DeliveryResult(ok=False, status_code=503, error="HTTP 503", duration_s=1.5)
+    await store.record_attempt(delivery, result, next_attempt_at=None)
+    assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
+        ("failed", 1, "HTTP 503", 503, False)]
+    assert await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,)) == [(1, 503, "HTTP 503", 1500)]
+
+
+async def test_a_permanent_failure_ends_the_row_even_when_a_next_time_is_given(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    delivery = await claim_one(store)
+    result = DeliveryResult(ok=False, error="forbidden_address", permanent=True)
+    await store.record_attempt(delivery, result, next_attempt_at=dt.datetime.now(dt.UTC))
+    assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
+        ("failed", 1, "forbidden_address", None, False)]
+
+
+async def test_a_failed_attempt_with_a_next_time_stays_pending_until_then(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    delivery = await claim_one(store)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    result = DeliveryResult(ok=False, status_code=500, error="HTTP 500")
+    await store.record_attempt(delivery, result, next_attempt_at=soon)
+    assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
+        ("pending", 1, "HTTP 500", 500, False)]
+    assert await fetch(fresh_db, "SELECT next_attempt_at FROM webhook_outbox") == [(soon,)]
+    assert await store.claim_due(10, lease_s=60) == []
+    await asyncio.sleep(1.2)
+    retried = await claim_one(store)
+    assert (retried.webhook_id, retried.body, retried.attempts) == (
+        delivery.webhook_id, delivery.body, 1)
+    await store.record_attempt(retried, DeliveryResult(ok=True, status_code=200),
+                               next_attempt_at=None)
+    assert [r[0] for r in await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,))] == [1, 2]
+
+
+async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    stale = await claim_one(store)
+    await store.record_attempt(stale, DeliveryResult(ok=True, status_code=200),
+                               next_attempt_at=None)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    await store.record_attempt(stale, DeliveryResult(ok=False, status_code=500),
+                               next_attempt_at=later)
+    assert await fetch(fresh_db, OUTBOX_STATE, (stale.delivery_id,)) == [
+        ("delivered", 1, None, 200, True)]
+    assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
+
+
+# --- operator queries ---------------------------------------------------------------------
+
+
+async def end_one(store: PostgresStore, result: DeliveryResult) -> PendingDelivery:
+    delivery = await claim_one(store)
+    await store.record_attempt(delivery, result, next_attempt_at=None)
+    return delivery
+
+
+async def test_list_undelivered_shows_pending_failed_and_gone_but_not_delivered(
+    store: PostgresStore,
+) -> None:
+    await queue_webhooks(store, 1)
+    delivered = await end_one(store, DeliveryResult(ok=True, status_code=200))
+    await queue_webhooks(store, 1)
+    failed = await end_one(store, DeliveryResult(ok=False, status_code=500, error="HTTP 500"))
+    await queue_webhooks(store, 1)
+    gone = await end_one(store, DeliveryResult(ok=False, status_code=410, gone=True))
+    await queue_webhooks(store, 1)
+    listed = await store.list_undelivered()
+    assert [w.status for w in listed] == ["failed", "gone", "pending"]
+    assert delivered.webhook_id not in {w.webhook_id for w in listed}
+    assert (listed[0].webhook_id, listed[0].last_error, listed[0].last_status_code) == (
+        failed.webhook_id, "HTTP 500", 500)
+    assert listed[1].webhook_id == gone.webhook_id
+    assert len(await store.list_undelivered(limit=1)) == 1
+
+
+async def test_retry_now_makes_a_failed_webhook_due_again_with_its_history(
+    store: PostgresStore,
+) -> None:
+    await queue_webhooks(store, 1)
+    failed = await end_one(store, DeliveryResult(ok=False, status_code=500))
+    assert await store.claim_due(10, lease_s=60) == []
+    assert await store.retry_now([failed.webhook_id, "msg_unknown"]) == 1
+    again = await claim_one(store)
+    assert (again.delivery_id, again.attempts) == (failed.delivery_id, 1)
+
+
+async def test_retry_all_now_requeues_failed_webhooks_but_leaves_gone_ones(
+    store: PostgresStore,
+) -> None:
+    await queue_webhooks(store, 1)
+    failed = await end_one(store, DeliveryResult(ok=False, status_code=500))
+    await queue_webhooks(store, 1)
+    await end_one(store, DeliveryResult(ok=False, status_code=410, gone=True))
+    assert await store.retry_all_now() == 1
+    assert (await claim_one(store)).delivery_id == failed.delivery_id
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_database_raises_store_unavailable_from_every_call() -> None:
+    pool = await open_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/alertd", 1,
+                           checkout_timeout=0.3)
+    store = PostgresStore(pool)
+    outcome = make_outcome()
+    delivery = PendingDelivery(1, "msg_x", "a", HOOK, b"{}", 0)
+    try:
+        calls = [
+            store.is_recorded("a"),
+            store.record_outcome(outcome, event_for(outcome)),
+            store.claim_due(1, 30),
+            store.record_attempt(delivery, DeliveryResult(ok=True), next_attempt_at=None),
+            store.list_undelivered(),
+            store.check_schema(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable) as info:
+                await call
+            assert info.value.__cause__ is None and info.value.__suppress_context__
+    finally:
+        await pool.close()
+
+
+async def pipe_to(host: str, port: int, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+    up_reader, up_writer = await asyncio.open_connection(host, port)
+
+    async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer),
+                         return_exceptions=True)
+
+
+async def test_a_pool_opened_while_the_database_is_down_serves_once_it_is_back(
+    fresh_db: str,
+) -> None:
+    real = conninfo_to_dict(fresh_db)
+    port = free_port()
+    pool = await open_pool(make_conninfo(fresh_db, host="127.0.0.1", port=port), 1,
+                           checkout_timeout=0.5, reconnect_timeout=2.0)
+    store = PostgresStore(pool)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.is_recorded("a")
+        server = await asyncio.start_server(
+            lambda r, w: pipe_to(str(real["host"]), int(real.get("port") or 5432), r, w),
+            "127.0.0.1", port)
+        async with server:
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:
+                try:
+                    assert await store.is_recorded("a") is False
+                    break
+                except StoreUnavailable:
+                    assert asyncio.get_running_loop().time() < deadline, "pool never reconnected"
+                    await asyncio.sleep(0.2)
+            await pool.close()  # before the proxy goes, so its sessions end cleanly
+    finally:
+        await pool.close()
+
+
+TERMINATE_POOL = """
+    SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = %s"""
+
+
+async def test_terminated_idle_backends_are_replaced_before_the_next_call(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    assert await fetch(fresh_db, TERMINATE_POOL, (APP,)) == [(4,)]
+    outcome = make_outcome()
+    # The pool's checkout check finds the dead connections and reconnects, so
+    # the call succeeds rather than surfacing StoreUnavailable.
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    assert await store.is_recorded(outcome.alert.alert_id) is True
+
+
+async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and_commits_nothing(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    outcome = make_outcome()
+    async with await psycopg.AsyncConnection.connect(fresh_db) as locker:
+        # The alert row is inserted, then the outbox insert waits on this lock:
+        # the transaction is caught midway.
+        await locker.execute("LOCK TABLE webhook_outbox IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(store.record_outcome(outcome, event_for(outcome)))
+        waiting: list[tuple[Any, ...]] = []
+        for _ in range(100):
+            waiting = await fetch(fresh_db, """
+                SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                AND application_name = %s AND wait_event_type = 'Lock'""", (APP,))
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert len(waiting) == 1, "record_outcome never reached the outbox insert"
+        await fetch(fresh_db, "SELECT pg_terminate_backend(%s, 5000)", waiting[0])
+        with pytest.raises(StoreUnavailable):
+            await task
+        await locker.rollback()
+    assert await store.is_recorded(outcome.alert.alert_id) is False
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
