@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import uuid
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from alertd.adapters.schema import (
 from alertd.domain import Outcome, WebhookEvent
 from alertd.errors import StoreUnavailable
 from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.signing import new_webhook_id
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -184,7 +184,7 @@ class PostgresStore:
             if event is not None:
                 event_type = event.payload.get("type")
                 await conn.execute(_INSERT_OUTBOX, {
-                    "webhook_id": _new_webhook_id(),
+                    "webhook_id": new_webhook_id(),
                     "alert_id": event.alert_id,
                     "event_type": event_type if isinstance(event_type, str) else None,
                     "url": event.url,
@@ -273,12 +273,6 @@ def _status_after(result: DeliveryResult, next_attempt_at: dt.datetime | None) -
     if result.permanent or next_attempt_at is None:
         return "failed"
     return "pending"
-
-
-def _new_webhook_id() -> str:
-    # Same format as alertd.signing.new_webhook_id(), kept local so this
-    # adapter does not depend on the signing module; switch when it lands.
-    return "msg_" + uuid.uuid4().hex
 
 
 def _jsonb(value: Any) -> Jsonb | None:
