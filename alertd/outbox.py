@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -73,10 +74,8 @@ class OutboxDispatcher:
                 await self._pause(POLL_INTERVAL_S)
 
     async def _pause(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _deliver(self, delivery: PendingDelivery) -> None:
         result = await self._sender.deliver(delivery)

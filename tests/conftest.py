@@ -41,7 +41,8 @@ def create_vhost(name: str) -> str:
 
 
 def delete_vhost(name: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, timeout=60,
+                   check=False)
 
 
 def create_database(name: str) -> str:

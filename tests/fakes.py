@@ -35,7 +35,8 @@ class FakeFetcher:
     @asynccontextmanager
     async def fetch_video(self, url: str) -> AsyncIterator[DownloadedVideo]:
         self.fetched.append(url)
-        found = self.videos.get(url, DownloadedVideo(f"/tmp/fake/{len(self.fetched)}", 1000, "ab" * 32))
+        default = DownloadedVideo(f"/tmp/fake/{len(self.fetched)}", 1000, "ab" * 32)
+        found = self.videos.get(url, default)
         if isinstance(found, ProcessingError):
             raise found
         self.open_files += 1

@@ -297,11 +297,11 @@ class AmqpConsumer:
             with contextlib.suppress(*AMQP_FAILURES):
                 await asyncio.wait_for(channel.basic_cancel(tag), 5)
 
-    async def drain(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for in-flight alerts; requeue the rest. Returns how many."""
+    async def drain(self, grace_s: float) -> int:
+        """Wait up to ``grace_s`` for in-flight alerts; requeue the rest. Returns how many."""
         pending: set[asyncio.Task[None]] = set()
         if self.tasks:
-            _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+            _, pending = await asyncio.wait(set(self.tasks), timeout=grace_s)
         for task in pending:
             task.cancel()
         if pending:

@@ -67,7 +67,8 @@ async def test_an_alert_already_stored_is_skipped_without_download_or_webhook() 
 
 async def test_a_permanent_error_fails_at_once_with_its_code_and_notifies() -> None:
     store = InMemoryStore()
-    fetcher = FakeFetcher({ALERT.video_url: PermanentError(ErrorCode.DOWNLOAD_NOT_FOUND, "HTTP 404")})
+    not_found = PermanentError(ErrorCode.DOWNLOAD_NOT_FOUND, "HTTP 404")
+    fetcher = FakeFetcher({ALERT.video_url: not_found})
     decision = await run(fetcher=fetcher, store=store)
     assert isinstance(decision, Recorded)
     row = store.rows["a-1"]
