@@ -1,0 +1,121 @@
+"""The settings contract: names, precedence flag > env > file > default, one-line refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ALERTD = str(Path(sys.executable).with_name("alertd"))
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def alertd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ALERTD_")}
+    return subprocess.run([ALERTD, *args], env={**clean, **(env or {})}, capture_output=True,
+                          text=True, timeout=30, check=False)
+
+
+def effective(*args: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    done = alertd("check-config", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, object] = orjson.loads(done.stdout)
+    return doc
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    doc = effective()
+    assert doc["workers"] == 1 and doc["concurrency"] == 8 and doc["queue"] == "alerts"
+    assert doc["queue_type"] == "quorum" and doc["metrics_port"] == 0
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
+    conf = tmp_path / "alertd.toml"
+    conf.write_text('workers = 3\nconcurrency = 5\nqueue = "from-file"\n'
+                    'allow_network = ["127.0.0.1/32"]\n')
+    doc = effective("--config", str(conf), "--workers", "7",
+                    env={"ALERTD_WORKERS": "6", "ALERTD_CONCURRENCY": "9"})
+    assert doc["workers"] == 7          # flag over env and file
+    assert doc["concurrency"] == 9      # env over file
+    assert doc["queue"] == "from-file"  # file over default
+    assert doc["allow_networks"] == ["127.0.0.1/32"]
+
+
+def test_the_config_file_can_come_from_env(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("max_attempts = 9\n")
+    assert effective(env={"ALERTD_CONFIG": str(conf)})["max_attempts"] == 9
+
+
+def test_repeatable_allow_network_from_env_is_space_separated() -> None:
+    doc = effective(env={"ALERTD_ALLOW_NETWORK": "127.0.0.1/32 ::1/128"})
+    assert doc["allow_networks"] == ["127.0.0.1/32", "::1/128"]
+
+
+@pytest.mark.parametrize(("args", "env", "names"), [
+    (["--workers", "0"], {}, "--workers"),
+    (["--concurrency", "lots"], {}, "--concurrency"),
+    ([], {"ALERTD_METRICS_PORT": "70000"}, "ALERTD_METRICS_PORT"),
+    (["--queue-type", "stream"], {}, "--queue-type"),
+    (["--retry-delay", "0"], {}, "retry_delay"),
+    (["--amqp-url", "http://x"], {}, "amqp_url"),
+    (["--dsn", "mysql://x"], {}, "dsn"),
+    (["--allow-network", "not-a-cidr"], {}, "allow_network"),
+    (["--webhook-url", "ftp://x"], {}, "webhook_url"),
+    ([], {"ALERTD_WEBHOOK_SECRET": "plain-text"}, "webhook_secret"),
+    ([], {"ALERTD_WEBHOOK_SECRET": "whsec_%%%"}, "webhook_secret"),
+])
+def test_a_bad_value_is_refused_with_one_line_naming_it(
+    args: list[str], env: dict[str, str], names: str,
+) -> None:
+    done = alertd("check-config", *args, env=env)
+    assert done.returncode in (2, 3)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert names in lines[0]
+
+
+def test_an_unknown_key_in_the_config_file_is_refused_by_name(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("workers = 2\nwrokers = 3\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3
+    assert done.stderr.strip() == f"alertd: config error: wrokers: unknown key in {conf}"
+
+
+def test_a_config_file_that_is_not_toml_is_refused_in_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("workers = = 2\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_secrets_are_masked_in_check_config(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'webhook_secret = "{SECRET}"\n')
+    done = alertd("check-config", "--config", str(conf),
+                  "--amqp-url", "amqp://u:hunter2@127.0.0.1/v",
+                  "--dsn", "postgresql://u:pgpass@127.0.0.1/db")
+    assert done.returncode == 0, done.stderr
+    for secret in (SECRET.removeprefix("whsec_"), "hunter2", "pgpass"):
+        assert secret not in done.stdout
+    doc = orjson.loads(done.stdout)
+    assert doc["webhook_secrets"] == ["whsec_*** (1 set)"]
+    assert doc["amqp_url"] == "amqp://u:***@127.0.0.1/v"
+
+
+def test_the_webhook_secret_cannot_be_given_as_a_flag() -> None:
+    done = alertd("check-config", "--webhook-secret", SECRET)
+    assert done.returncode == 2
+    assert "--webhook-secret" in done.stderr
+
+
+def test_start_help_documents_signals_and_exit_codes() -> None:
+    done = alertd("start", "--help")
+    assert done.returncode == 0
+    for word in ("TERM", "QUIT", "HUP", "TTIN", "USR1", "Exit codes", "ALERTD_CONCURRENCY"):
+        assert word in done.stdout

@@ -1,0 +1,88 @@
+"""The outbox dispatcher with fakes: delivery, backoff, Retry-After, 410, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from alertd.outbox import BACKOFF_MAX_S, OutboxDispatcher, next_attempt_delay
+from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.stats import ChildStats
+from tests.fakes import InMemoryOutbox, RecordingSender
+
+
+def delivery(n: int = 1, attempts: int = 0) -> PendingDelivery:
+    return PendingDelivery(n, f"msg_{n}", f"alert-{n}", "http://hooks.test/h", b"{}", attempts)
+
+
+async def run_until(dispatcher: OutboxDispatcher, seconds: float = 0.3) -> None:
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(seconds)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+
+
+def dispatcher_for(outbox: InMemoryOutbox, sender: RecordingSender,
+                   max_attempts: int = 5) -> OutboxDispatcher:
+    return OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=max_attempts, lease_s=60)
+
+
+async def test_a_pending_webhook_is_delivered_and_its_row_finished() -> None:
+    outbox, sender = InMemoryOutbox([delivery()]), RecordingSender()
+    await run_until(dispatcher_for(outbox, sender))
+    assert [d.webhook_id for d in sender.sent] == ["msg_1"]
+    assert outbox.finished == {1: "delivered"}
+
+
+async def test_a_failed_attempt_is_scheduled_again_with_backoff_not_dropped() -> None:
+    outbox = InMemoryOutbox([delivery()])
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500)])
+    before = dt.datetime.now(dt.UTC)
+    await run_until(dispatcher_for(outbox, sender))
+    [(_, result, next_at)] = outbox.attempts
+    assert result.status_code == 500
+    assert next_at is not None and next_at > before
+    assert 1 not in outbox.finished
+
+
+async def test_retry_after_from_the_receiver_is_honoured_when_longer_than_backoff() -> None:
+    result = DeliveryResult(ok=False, status_code=503, retry_after=120.0)
+    assert next_attempt_delay(1, result) >= 120.0
+    assert next_attempt_delay(1, DeliveryResult(ok=False, status_code=503)) <= 1.0
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    failed = DeliveryResult(ok=False)
+    assert next_attempt_delay(3, failed) <= 4.0
+    assert 8.0 <= next_attempt_delay(5, failed) <= 16.0
+    assert next_attempt_delay(60, failed) <= BACKOFF_MAX_S
+    assert next_attempt_delay(60, DeliveryResult(ok=False, retry_after=1e9)) <= BACKOFF_MAX_S
+
+
+async def test_a_410_ends_the_row_as_gone_without_retrying() -> None:
+    outbox = InMemoryOutbox([delivery()])
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=410, gone=True)])
+    await run_until(dispatcher_for(outbox, sender))
+    assert outbox.finished == {1: "gone"}
+    assert outbox.attempts[0][2] is None
+
+
+async def test_a_permanent_failure_or_the_last_attempt_ends_the_row_as_failed() -> None:
+    outbox = InMemoryOutbox([delivery(1), delivery(2, attempts=4)])
+    sender = RecordingSender([DeliveryResult(ok=False, permanent=True, error="forbidden"),
+                              DeliveryResult(ok=False, status_code=500)])
+    await run_until(dispatcher_for(outbox, sender, max_attempts=5))
+    assert outbox.finished == {1: "failed", 2: "failed"}
+
+
+async def test_wake_delivers_a_new_row_before_the_next_poll() -> None:
+    outbox, sender = InMemoryOutbox(), RecordingSender()
+    dispatcher = dispatcher_for(outbox, sender)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    outbox.pending.append(delivery())
+    dispatcher.wake()
+    await asyncio.sleep(0.1)
+    assert len(sender.sent) == 1
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
