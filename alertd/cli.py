@@ -123,10 +123,15 @@ DAEMON_OPTIONS: list[Decorator] = [
 ]
 
 
-def daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    for decorate in reversed(DAEMON_OPTIONS):
-        func = decorate(func)
-    return func
+def _all_of(decorators: list[Decorator]) -> Decorator:
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for decorate in reversed(decorators):
+            func = decorate(func)
+        return func
+    return apply
+
+
+daemon_options = _all_of(DAEMON_OPTIONS)
 
 
 def settings_from(ctx: click.Context, options: dict[str, Any]) -> Settings:
@@ -231,6 +236,118 @@ def status(control_socket: str, as_json: bool) -> None:
     doc = fetch_status(control_socket)
     click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json
                else render_status(doc))
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead letters (<queue>.dlq)."""
+
+
+DLQ_OPTIONS: list[Decorator] = [
+    config_option,
+    _opt("amqp-url", default=_D.amqp_url, help="Broker URL."),
+    _opt("queue", default=_D.queue, help="Main queue; its DLQ is <queue>.dlq."),
+]
+
+_dlq_options = _all_of(DLQ_OPTIONS)
+
+
+@dlq.command("list")
+@_dlq_options
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(amqp_url: str, queue: str, limit: int, as_json: bool) -> None:
+    """List dead letters with their reason; every message stays in the DLQ."""
+    from alertd.deadletters import list_dead_letters
+
+    letters = list_dead_letters(Settings(amqp_url=amqp_url, queue=queue), limit)
+    for letter in letters:
+        doc = letter.summary()
+        click.echo(orjson.dumps(doc).decode() if as_json else
+                   f"{doc['position']:>4}  {doc['alert_id'] or '-':<40} {doc['reason']}")
+    if not as_json:
+        click.echo(f"{len(letters)} dead letters shown (nothing was removed)", err=True)
+
+
+@dlq.command("show")
+@_dlq_options
+@click.argument("which")
+def dlq_show(amqp_url: str, queue: str, which: str) -> None:
+    """Print one dead letter (by alert id, or by position from 'dlq list'): headers and body."""
+    from alertd.deadletters import list_dead_letters
+
+    for letter in list_dead_letters(Settings(amqp_url=amqp_url, queue=queue), 10_000):
+        if letter.alert_id == which or str(letter.position) == which:
+            headers = {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                       for k, v in letter.headers.items()}
+            click.echo(orjson.dumps({"headers": headers}, default=str,
+                                    option=orjson.OPT_INDENT_2).decode())
+            click.echo(letter.body.decode("utf-8", "replace"))
+            return
+    raise click.ClickException(f"no dead letter {which!r}")
+
+
+@dlq.command("replay")
+@_dlq_options
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+@click.argument("alert_ids", nargs=-1)
+def dlq_replay(amqp_url: str, queue: str, replay_all: bool, alert_ids: tuple[str, ...]) -> None:
+    """Send the dead letters of ALERT_IDS (or --all) back to the main queue as fresh alerts."""
+    from alertd.deadletters import replay
+
+    if not replay_all and not alert_ids:
+        raise click.UsageError("give ALERT_IDS or --all")
+    done = replay(Settings(amqp_url=amqp_url, queue=queue),
+                  alert_ids=None if replay_all else set(alert_ids))
+    click.echo(f"replayed {len(done)} dead letters to {queue!r}")
+
+
+@dlq.command("purge")
+@_dlq_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(amqp_url: str, queue: str, yes: bool) -> None:
+    """Delete every dead letter (asks first)."""
+    from alertd.deadletters import purge
+
+    if not yes:
+        click.confirm(f"Delete every message in {queue}.dlq?", abort=True)
+    click.echo(f"purged {purge(Settings(amqp_url=amqp_url, queue=queue))} dead letters")
+
+
+@cli.group()
+def outbox() -> None:
+    """Webhook deliveries not yet successful."""
+
+
+@outbox.command("list")
+@config_option
+@_opt("dsn", default=_D.dsn, help="PostgreSQL connection URL.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def outbox_list(dsn: str, limit: int, as_json: bool) -> None:
+    """Pending, failed and gone webhook deliveries, oldest first."""
+    from alertd.operations import undelivered_webhooks
+
+    for row in undelivered_webhooks(dsn, limit):
+        click.echo(orjson.dumps(row, default=str).decode() if as_json else
+                   f"{row['webhook_id']}  {row['alert_id']:<30} {row['status']:<8} "
+                   f"attempts={row['attempts']} last={row['last_status_code'] or '-'} "
+                   f"{row['last_error'] or ''}")
+
+
+@outbox.command("retry")
+@config_option
+@_opt("dsn", default=_D.dsn, help="PostgreSQL connection URL.")
+@click.option("--all", "retry_all", is_flag=True, help="Every pending or failed delivery.")
+@click.argument("webhook_ids", nargs=-1)
+def outbox_retry(dsn: str, retry_all: bool, webhook_ids: tuple[str, ...]) -> None:
+    """Make WEBHOOK_IDS (or --all) due now; a running alertd delivers them."""
+    from alertd.operations import retry_webhooks
+
+    if not retry_all and not webhook_ids:
+        raise click.UsageError("give WEBHOOK_IDS or --all")
+    count = retry_webhooks(dsn, None if retry_all else list(webhook_ids))
+    click.echo(f"{count} webhook deliveries due now")
 
 
 def main() -> None:

@@ -1,0 +1,108 @@
+"""Operator commands against the real broker and database: dlq and outbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pika
+import pytest
+
+from alertd.adapters.postgres import PostgresStore, open_pool
+from alertd.domain import Alert, Outcome, webhook_event
+from alertd.ports import DeliveryResult
+from tests.e2e.harness import outbox, publish, queue_counts
+
+ALERTD = str(Path(sys.executable).with_name("alertd"))
+pytestmark = pytest.mark.integration
+
+
+def alertd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([ALERTD, *args], capture_output=True, text=True, input=stdin,
+                          timeout=60, check=False)
+
+
+@pytest.fixture()
+def dead_letters(fresh_vhost: str) -> str:
+    """A vhost whose alerts.dlq holds three dead letters with alertd's headers."""
+    publish(fresh_vhost, [b"{}"])  # declares the topology; then empty the main queue
+    connection = pika.BlockingConnection(pika.URLParameters(fresh_vhost))
+    channel = connection.channel()
+    channel.queue_purge("alerts")
+    for i, reason in enumerate(["invalid_json: x", "missing_field: video_url", "too_deep: 40"]):
+        body = orjson.dumps({"alert_id": f"dead-{i}"}) if i else b"{broken"
+        channel.basic_publish("", "alerts.dlq", body, pika.BasicProperties(
+            delivery_mode=2, headers={"x-alertd-reason": reason, "x-alertd-attempt": 2}))
+    connection.close()
+    return fresh_vhost
+
+
+def test_dlq_list_shows_every_reason_and_removes_nothing(dead_letters: str) -> None:
+    for _ in range(2):
+        done = alertd("dlq", "list", "--json", "--amqp-url", dead_letters)
+        assert done.returncode == 0, done.stderr
+        docs = [orjson.loads(line) for line in done.stdout.splitlines()]
+        assert [d["reason"] for d in docs] == [
+            "invalid_json: x", "missing_field: video_url", "too_deep: 40"]
+        assert [d["alert_id"] for d in docs] == [None, "dead-1", "dead-2"]
+    assert queue_counts(dead_letters)["alerts.dlq"] == 3
+
+
+def test_dlq_show_prints_headers_and_body_of_one_letter(dead_letters: str) -> None:
+    done = alertd("dlq", "show", "dead-2", "--amqp-url", dead_letters)
+    assert done.returncode == 0, done.stderr
+    assert "too_deep: 40" in done.stdout and '{"alert_id":"dead-2"}' in done.stdout
+    assert alertd("dlq", "show", "nope", "--amqp-url", dead_letters).returncode == 1
+
+
+def test_dlq_replay_moves_only_the_chosen_letters_back_as_fresh_alerts(dead_letters: str) -> None:
+    done = alertd("dlq", "replay", "dead-1", "--amqp-url", dead_letters)
+    assert done.returncode == 0, done.stderr
+    assert "replayed 1" in done.stdout
+    counts = queue_counts(dead_letters)
+    assert counts["alerts.dlq"] == 2 and counts["alerts"] == 1
+    connection = pika.BlockingConnection(pika.URLParameters(dead_letters))
+    method, props, body = connection.channel().basic_get("alerts", auto_ack=True)
+    connection.close()
+    assert method is not None and orjson.loads(body) == {"alert_id": "dead-1"}
+    assert "x-alertd-reason" not in props.headers and "x-alertd-attempt" not in props.headers
+    assert props.delivery_mode == 2
+
+
+def test_dlq_purge_asks_first_and_purges_only_when_confirmed(dead_letters: str) -> None:
+    refused = alertd("dlq", "purge", "--amqp-url", dead_letters, stdin="n\n")
+    assert refused.returncode != 0
+    assert queue_counts(dead_letters)["alerts.dlq"] == 3
+    done = alertd("dlq", "purge", "--yes", "--amqp-url", dead_letters)
+    assert done.returncode == 0 and "purged 3" in done.stdout
+    assert queue_counts(dead_letters)["alerts.dlq"] == 0
+
+
+async def test_outbox_list_and_retry_show_and_requeue_undelivered_webhooks(fresh_db: str) -> None:
+    pool = await open_pool(fresh_db, 1)
+    store = PostgresStore(pool)
+    now = dt.datetime.now(dt.UTC)
+    for i in range(2):
+        alert = Alert(alert_id=f"ob-{i}", video_url="http://x/v", webhook_url="http://h/")
+        outcome = Outcome.done(alert, {"duration_s": 1.0}, attempts=1, received_at=now,
+                               processed_at=now)
+        assert await store.record_outcome(outcome, webhook_event(outcome, default_url=None))
+    [first, second] = await store.claim_due(10, 60)
+    await store.record_attempt(first, DeliveryResult(ok=True, status_code=200),
+                               next_attempt_at=None)
+    await store.record_attempt(second, DeliveryResult(ok=False, status_code=500, error="boom"),
+                               next_attempt_at=None)
+    await pool.close()
+
+    listed = alertd("outbox", "list", "--json", "--dsn", fresh_db)
+    assert listed.returncode == 0, listed.stderr
+    [row] = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert row["alert_id"] == "ob-1" and row["status"] == "failed" and row["attempts"] == 1
+    retried = alertd("outbox", "retry", row["webhook_id"], "--dsn", fresh_db)
+    assert retried.returncode == 0 and "1 webhook" in retried.stdout, retried.stderr
+    again = {r["alert_id"]: r for r in outbox(fresh_db)}
+    assert again["ob-1"]["status"] == "pending"
+    assert again["ob-0"]["status"] == "delivered"
