@@ -123,6 +123,8 @@ class AlertHandler:
             case Recorded(outcome, new):
                 code = str(outcome.failure.code) if outcome.failure else ""
                 self._stats.count("alerts", str(outcome.status), code)
+                if outcome.metadata is not None:
+                    self._stats.count("downloaded_bytes", by=int(outcome.metadata["size_bytes"]))
                 self._stats.observe("end_to_end", time.monotonic() - started)
                 if new:
                     self._on_committed()

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 3600.0
 POLL_INTERVAL_S = 1.0
+BACKLOG_EVERY_S = 5.0
 
 
 def next_attempt_delay(attempts_made: int, result: DeliveryResult) -> float:
@@ -57,8 +58,14 @@ class OutboxDispatcher:
 
     async def run(self) -> None:
         unavailable_delay = POLL_INTERVAL_S
+        backlog_due = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             self._wake.clear()
+            if loop.time() >= backlog_due:
+                backlog_due = loop.time() + BACKLOG_EVERY_S
+                with contextlib.suppress(StoreUnavailable):
+                    self._stats.gauges["outbox_backlog"] = await self._outbox.count_pending()
             try:
                 claimed = await self._outbox.claim_due(self._batch, self._lease_s)
                 unavailable_delay = POLL_INTERVAL_S

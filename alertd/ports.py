@@ -113,6 +113,11 @@ class WebhookOutbox(Protocol):
         ...
 
 
+    async def count_pending(self) -> int:
+        """How many deliveries are still pending (for the backlog metric)."""
+        ...
+
+
 class WebhookSender(Protocol):
     async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
         """POST the body, signed, to the delivery's URL; never raises for HTTP outcomes."""

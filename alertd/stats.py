@@ -57,6 +57,8 @@ class ChildStats:
         self.counters: Counter[tuple[str, ...]] = Counter()
         self.histograms: dict[str, Histogram] = {}
         self.slots: dict[int, SlotState] = {}
+        # Point-in-time values (not cumulative), e.g. the outbox backlog.
+        self.gauges: dict[str, float] = {}
         self._next_slot = 0
         self.started = time.monotonic()
 
@@ -96,6 +98,7 @@ class ChildStats:
         return {
             "counters": [[*key, value] for key, value in self.counters.items()],
             "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
+            "gauges": dict(self.gauges),
             "slots": [
                 {"alert_id": s.alert_id, "stage": s.stage,
                  "elapsed_s": round(now - s.started, 3)}

@@ -67,3 +67,9 @@ ensure_rabbitmq() {
   wait_port 5672 RabbitMQ
   rabbitmqctl -q await_startup >/dev/null 2>&1 || true
 }
+
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return
+  say "installing promtool (Debian package prometheus)"
+  apt_install --no-install-recommends prometheus
+}

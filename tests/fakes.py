@@ -107,6 +107,9 @@ class InMemoryOutbox:
             self.due_at[d.delivery_id] = now + dt.timedelta(seconds=lease_s)
         return due
 
+    async def count_pending(self) -> int:
+        return len([d for d in self.pending if d.delivery_id not in self.finished])
+
     async def record_attempt(
         self, delivery: PendingDelivery, result: DeliveryResult,
         *, next_attempt_at: dt.datetime | None,

@@ -242,6 +242,14 @@ class PostgresStore:
             rows = await cur.fetchall()
         return [UndeliveredWebhook(*row) for row in rows]
 
+    async def count_pending(self) -> int:
+        """Webhook deliveries still to be made (the outbox backlog)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM webhook_outbox WHERE status = 'pending'")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def retry_now(self, webhook_ids: Collection[str]) -> int:
         """Make these undelivered webhooks due now, even failed or gone; return how many.
 

@@ -86,3 +86,12 @@ async def test_wake_delivers_a_new_row_before_the_next_poll() -> None:
     assert len(sender.sent) == 1
     dispatcher.stop()
     await asyncio.wait_for(task, 5)
+
+
+async def test_the_backlog_gauge_reports_pending_deliveries() -> None:
+    outbox = InMemoryOutbox([delivery(1), delivery(2)])
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500)] * 2)
+    dispatcher = dispatcher_for(outbox, sender)
+    stats = dispatcher._stats
+    await run_until(dispatcher, seconds=0.1)
+    assert stats.gauges["outbox_backlog"] == 2
