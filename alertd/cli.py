@@ -43,20 +43,38 @@ def _opt(name: str, *decls: str, **kwargs: Any) -> Decorator:
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Eager --config: the file's values become click's default_map (below env and flags)."""
+    """Eager --config: the file's values become click's default_map (below env and flags).
+
+    One file serves every command: a key another command uses (``workers``
+    for ``alertd publish``) is accepted and left alone; a key no command
+    knows is refused, and so is a value of the wrong type, naming its key.
+    """
     if not value:
         return None
-    known = {p.name for p in ctx.command.params if p.name} | {"webhook_secret"}
-    if "allow_networks" in known:
-        known.add("allow_network")  # the flag's spelling works in the file too
-    values = load_config_file(value, known)
+    values = load_config_file(value, file_keys())
     ctx.meta["webhook_secret_from_file"] = values.pop("webhook_secret", None)
     if "allow_network" in values:
         values["allow_networks"] = values.pop("allow_network")
     if isinstance(values.get("allow_networks"), str):
         values["allow_networks"] = [values["allow_networks"]]
-    ctx.default_map = {**(ctx.default_map or {}), **values}
+    params = {p.name: p for p in ctx.command.params if p.name}
+    mine = {}
+    for key, raw in values.items():
+        if key not in params:
+            continue
+        try:
+            params[key].type_cast_value(ctx, raw)
+        except click.BadParameter as exc:
+            raise ConfigError(f"{key}: {exc.message} (in {value})") from None
+        mine[key] = raw
+    ctx.default_map = {**(ctx.default_map or {}), **mine}
     return value
+
+
+def file_keys() -> set[str]:
+    """Every key the config file may hold: the daemon's options and its secret."""
+    keys = {p.name for p in start.params if p.name and p.name != "config"}
+    return keys | {"webhook_secret", "allow_network"}
 
 
 config_option = click.option(
@@ -227,6 +245,7 @@ def publish(amqp_url: str, queue: str, queue_type: str, path: Any, alerts: tuple
 
 
 @cli.command()
+@config_option
 @_opt("control-socket", default="/tmp/alertd.sock", help="The master's control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document.")
 def status(control_socket: str, as_json: bool) -> None:

@@ -18,6 +18,3 @@ with this makes the master halt with it too, instead of fork-looping."""
 EXIT_RECYCLED = 4
 """A child left on purpose (--max-alerts-per-child / --max-memory-per-child);
 the master replaces it at once, without backoff."""
-
-EXIT_BOOT_LOOP = 5
-"""The master gave up: children kept dying before they ever consumed."""

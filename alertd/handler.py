@@ -120,16 +120,18 @@ class AlertHandler:
                 return Retry(attempt.number + 1, delay,
                              int(attempt.received_at.timestamp() * 1000),
                              f"{failure.code}: {failure.message}")
-            case Recorded(outcome, new):
+            case Recorded(outcome, new=False):
+                # Processed twice at once (a redelivery raced the original):
+                # the other one's result was stored, this one's was dropped.
+                self._stats.count("duplicates")
+                return Ack()
+            case Recorded(outcome):
                 code = str(outcome.failure.code) if outcome.failure else ""
                 self._stats.count("alerts", str(outcome.status), code)
                 if outcome.metadata is not None:
                     self._stats.count("downloaded_bytes", by=int(outcome.metadata["size_bytes"]))
                 self._stats.observe("end_to_end", time.monotonic() - started)
-                if new:
-                    self._on_committed()
-                else:
-                    self._stats.count("duplicates")
+                self._on_committed()
                 return Ack()
 
 

@@ -32,13 +32,13 @@ def render_status(doc: dict[str, Any]) -> str:
         f"{doc['processed']} processed, {doc['failed']} failed, {doc['restarts']} restarts"
         + (f", stopping ({doc['stopping']})" if doc.get("stopping") else ""),
         f"{'CHILD':>5} {'PID':>7} {'STATE':<10} {'AGE':>7} {'RSS MB':>7} {'LAG ms':>7} "
-        f"{'DONE':>6} {'FAILED':>6}",
+        f"{'PROCESSED':>9} {'FAILED':>6}",
     ]
     for c in doc["children"]:
         lines.append(
             f"{c['index']:>5} {c['pid']:>7} {c['state'] + ('*' if c['retiring'] else ''):<10} "
             f"{c['age_s']:>6.0f}s {c['rss_bytes'] / 1e6:>7.1f} {c['loop_lag_s'] * 1000:>7.1f} "
-            f"{c['processed']:>6} {c['failed']:>6}")
+            f"{c['processed']:>9} {c['failed']:>6}")
         for slot in c["slots"]:
             lines.append(f"{'':>14}slot: {slot['alert_id'] or '-'} {slot['stage']} "
                          f"{slot['elapsed_s']:.1f}s")

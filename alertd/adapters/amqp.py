@@ -37,6 +37,7 @@ Handler = Callable[[InboundMessage, int], Awaitable[Disposition]]
 DEFAULT_HEARTBEAT_S = 15
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 30.0
+REQUEUE_AFTER_REFUSAL_S = 1.0
 
 
 class PublishRefused(Exception):
@@ -284,9 +285,20 @@ class AmqpConsumer:
                         message.body, props)
                     await channel.basic_ack(tag)
         except AMQP_FAILURES as exc:
-            # The channel is gone: the broker requeues everything unacked on
-            # it, so this delivery comes back (and is deduplicated by id).
-            log.warning("could not settle delivery (%s); the broker will redeliver it", exc)
+            if channel.is_closed:
+                # The broker requeues everything unacked on a closed channel,
+                # so this delivery comes back (and is deduplicated by id).
+                log.warning("could not settle delivery (%s); the broker will redeliver it", exc)
+                return
+            # The channel lives (e.g. the DLQ or a delay queue refused the
+            # publish): hand the message back instead of leaving it unacked
+            # until the broker's consumer timeout. The pause keeps a queue
+            # that keeps refusing from turning this into a hot loop.
+            log.error("could not settle delivery (%s); requeueing it in %.0fs", exc,
+                      REQUEUE_AFTER_REFUSAL_S)
+            await asyncio.sleep(REQUEUE_AFTER_REFUSAL_S)
+            with contextlib.suppress(*AMQP_FAILURES):
+                await channel.basic_nack(tag, requeue=True)
 
     async def stop_consuming(self) -> None:
         """Stop intake at once (basic.cancel); acks still flow for in-flight alerts."""

@@ -119,3 +119,26 @@ def test_start_help_documents_signals_and_exit_codes() -> None:
     assert done.returncode == 0
     for word in ("TERM", "QUIT", "HUP", "TTIN", "USR1", "Exit codes", "ALERTD_CONCURRENCY"):
         assert word in done.stdout
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ("workers = 0", "workers"), ('queue_type = "stream"', "queue_type"),
+    ('concurrency = "many"', "concurrency"), ("metrics_port = 70000", "metrics_port"),
+])
+def test_a_bad_value_in_the_config_file_is_refused_naming_the_file_key(
+    tmp_path: Path, line: str, key: str,
+) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text(line + "\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3
+    assert done.stderr.startswith(f"alertd: config error: {key}: ")
+    assert str(conf) in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_one_config_file_serves_every_command(tmp_path: Path) -> None:
+    conf = Path(__file__).resolve().parents[2] / "conf" / "alertd.toml"
+    for command in (["publish"], ["db", "migrate"], ["dlq", "list"], ["outbox", "list"],
+                    ["status"], ["check-config"]):
+        done = alertd(*command, "--help", env={"ALERTD_CONFIG": str(conf)})
+        assert done.returncode == 0, (command, done.stderr)
