@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from alertd.adapters.download import HttpVideoFetcher
 from alertd.adapters.ffprobe import FfprobeProber
 from alertd.adapters.postgres import PostgresStore, open_pool
+from alertd.adapters.pyav import PyAVProber
 from alertd.adapters.webhook import HttpWebhookSender
 from alertd.config import Settings
 from alertd.handler import AlertHandler
@@ -47,12 +48,20 @@ async def open_world(settings: Settings) -> World:
         sender = HttpWebhookSender.from_settings(settings, guard)
         await sender.open()
         stack.push_async_callback(sender.close)
-        prober = FfprobeProber(timeout=settings.probe_timeout)
+        prober = await open_prober(settings, stack)
     except BaseException:
         await stack.aclose()
         raise
     return World(fetcher=fetcher, prober=prober, store=store, outbox=store, sender=sender,
                  postgres=store, closers=stack)
+
+
+async def open_prober(settings: Settings, closers: contextlib.AsyncExitStack) -> Prober:
+    """The prober ``settings.prober`` names; a PyAV helper pool is closed with ``closers``."""
+    if settings.prober == "pyav":
+        pool = PyAVProber(timeout=settings.probe_timeout, size=settings.probe_helpers)
+        return await closers.enter_async_context(pool)
+    return FfprobeProber(timeout=settings.probe_timeout)
 
 
 def alert_handler(settings: Settings, world: World, stats: ChildStats,

@@ -113,8 +113,11 @@ DAEMON_OPTIONS: list[Decorator] = [
     _opt("connect-timeout", type=float, default=_D.connect_timeout,
          help="Seconds to connect (HTTP and AMQP)."),
     _opt("download-dir", default=None, help="Where temp files go (default: system temp)."),
-    _opt("prober", type=click.Choice(["ffprobe"]), default=_D.prober,
-         help="Metadata extractor."),
+    _opt("prober", type=click.Choice(["pyav", "ffprobe"]), default=_D.prober,
+         help="Metadata extractor: pyav (libav in a pool of helper processes) or ffprobe "
+              "(a process per probe)."),
+    _opt("probe-helpers", type=click.IntRange(1, 64), default=_D.probe_helpers,
+         help="PyAV helper processes per child (with --prober pyav)."),
     _opt("probe-timeout", type=float, default=_D.probe_timeout,
          help="Seconds before a probe is killed."),
     _opt("max-attempts", type=click.IntRange(1), default=_D.max_attempts,

@@ -18,7 +18,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-PROBERS = ("ffprobe",)
+PROBERS = ("ffprobe", "pyav")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +40,9 @@ class Settings:
     download_timeout: float = 60.0
     connect_timeout: float = 10.0
     download_dir: str | None = None
-    prober: str = "ffprobe"
+    prober: str = "pyav"
     probe_timeout: float = 30.0
+    probe_helpers: int = 2
     max_attempts: int = 5
     retry_delay: float = 5.0
     graceful_timeout: float = 30.0
@@ -86,6 +87,8 @@ def validate(settings: Settings) -> Settings:
     _at_least("webhook_max_attempts", s.webhook_max_attempts, 1)
     _at_least("delivery_limit", s.delivery_limit, 2)
     _at_least("db_pool_size", s.db_pool_size, 1)
+    _at_least("probe_helpers", s.probe_helpers, 1)
+    _at_most("probe_helpers", s.probe_helpers, 64)
     for key in ("download_timeout", "connect_timeout", "probe_timeout", "webhook_timeout",
                 "heartbeat_timeout", "retry_delay"):
         if not getattr(s, key) > 0:
