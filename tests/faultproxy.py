@@ -2,8 +2,9 @@
 
 Modes: ``pass`` forwards bytes; ``stall`` keeps every connection open but
 forwards nothing (a broker or database that stops answering without closing,
-which only heartbeats or keepalives can detect); ``cut()`` resets every
-current connection. It runs its own event loop in a thread so synchronous
+which only heartbeats or keepalives can detect); ``down`` resets every
+connection and every new one at once (a service that is gone); ``cut()``
+resets the current connections only. It runs its own event loop in a thread so synchronous
 end-to-end tests can drive it.
 """
 
@@ -49,8 +50,14 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._flowing.clear)
 
     def resume(self) -> None:
+        """Back to forwarding (after ``stall`` or ``down``)."""
         self.mode = "pass"
         self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def down(self) -> None:
+        """Reset every connection, and every new one as soon as it arrives."""
+        self.mode = "down"
+        self._call(self._cut())
 
     def cut(self) -> None:
         """Reset every open connection (new ones are still accepted)."""
@@ -83,6 +90,10 @@ class FaultProxy:
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
                      ) -> None:
         self.accepted += 1
+        if self.mode == "down":
+            self._writers.add(client_w)
+            await self._cut()
+            return
         try:
             server_r, server_w = await asyncio.open_connection(*self.target)
         except OSError:

@@ -25,6 +25,8 @@ from alertd.netguard import AddressGuard, GuardedResolver, check_url, describe_e
 
 log = logging.getLogger(__name__)
 
+DIR_PREFIX = "alertd-dl-"
+
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -76,7 +78,9 @@ class HttpVideoFetcher:
     async def open(self) -> None:
         if self._session is not None:
             return
-        self._dir = tempfile.mkdtemp(prefix="alertd-", dir=self._download_dir)
+        parent = self._download_dir or tempfile.gettempdir()
+        remove_orphaned_dirs(parent)
+        self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=parent)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=GuardedResolver(self._guard)),
             # No proxies or .netrc from the environment, no cookies carried from
@@ -240,3 +244,30 @@ def _disk_error(exc: OSError) -> TransientError:
     # ENOSPC, EDQUOT, EIO: our disk, not the server; worth retrying later.
     return TransientError(ErrorCode.DOWNLOAD_FAILED, f"local disk: {exc.strerror or exc}")
 
+
+def remove_orphaned_dirs(parent: str) -> None:
+    """Delete download dirs left by processes that died without closing (SIGKILL, OOM).
+
+    Each dir's name carries its owner's pid; one whose owner is gone holds
+    only partial clips nobody will read, and would fill the disk over crashes.
+    """
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(DIR_PREFIX):
+            continue
+        pid_text = name[len(DIR_PREFIX):].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

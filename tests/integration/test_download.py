@@ -363,3 +363,20 @@ async def test_a_full_local_disk_is_transient_and_leaves_no_partial_file(
         assert error.code is ErrorCode.DOWNLOAD_FAILED
         assert error.message.startswith("local disk: ")
         assert "No space left" in error.message
+
+
+async def test_opening_removes_download_dirs_of_dead_processes_only(tmp_path: Path) -> None:
+    dead = tmp_path / f"{download.DIR_PREFIX}4194999-abc"  # above any pid_max: never alive
+    alive = tmp_path / f"{download.DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "unrelated"
+    for directory in (dead, alive, other):
+        directory.mkdir()
+        (directory / "partial.clip").write_bytes(b"x" * 10)
+    fetcher = HttpVideoFetcher(guard=AddressGuard(), max_bytes=1000, connect_timeout=1,
+                               read_timeout=1, total_timeout=1, download_dir=str(tmp_path))
+    await fetcher.open()
+    try:
+        assert not dead.exists()
+        assert alive.exists() and other.exists()
+    finally:
+        await fetcher.close()

@@ -37,3 +37,24 @@ def test_the_proxy_forwards_stalls_and_cuts(echo_server: socket.socket) -> None:
         client.close()
         peer.close()
     echo_server.close()
+
+
+def test_a_proxy_that_is_down_resets_new_connections_until_it_resumes(
+    echo_server: socket.socket,
+) -> None:
+    with FaultProxy("127.0.0.1", echo_server.getsockname()[1]) as proxy:
+        proxy.down()
+        # The reset may come while connecting, sending or receiving.
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)), \
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as client:
+            client.sendall(b"x")
+            if client.recv(1) == b"":
+                raise ConnectionResetError
+        proxy.resume()
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+        peer, _ = echo_server.accept()
+        client.sendall(b"ok")
+        assert peer.recv(2) == b"ok"
+        client.close()
+        peer.close()
+    echo_server.close()
