@@ -38,6 +38,7 @@ DEFAULT_HEARTBEAT_S = 15
 RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 30.0
 REQUEUE_AFTER_REFUSAL_S = 1.0
+PUBLISH_CONFIRM_TIMEOUT_S = 15.0
 
 
 class PublishRefused(Exception):
@@ -46,7 +47,7 @@ class PublishRefused(Exception):
 
 # Failures that mean "this message could not be settled over this channel".
 AMQP_FAILURES = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                 ConnectionError, OSError, PublishRefused)
+                 ConnectionError, OSError, PublishRefused, TimeoutError)
 
 
 class ReconnectNeeded(Exception):
@@ -113,9 +114,14 @@ async def publish_confirmed(
     channel: aiormq.abc.AbstractChannel, queue: str, body: bytes,
     properties: spec.Basic.Properties,
 ) -> None:
-    """Publish persistently and wait for the broker's confirm; raise if it says no."""
+    """Publish persistently and wait for the broker's confirm; raise if it says no.
+
+    The wait is bounded: a confirm that never comes (seen with a full quorum
+    queue under ``reject-publish``) would otherwise hold the slot forever.
+    """
     confirm = await channel.basic_publish(
         body, exchange="", routing_key=queue, properties=properties, mandatory=True,
+        timeout=PUBLISH_CONFIRM_TIMEOUT_S,
     )
     if not isinstance(confirm, spec.Basic.Ack):
         raise PublishRefused(f"broker refused the publish to {queue!r}: {confirm!r}")
@@ -142,6 +148,7 @@ class AmqpConsumer:
         self._broker_cancelled = asyncio.Event()
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
+        self._publisher: aiormq.abc.AbstractChannel | None = None
         self._consumer_tag: str | None = None
 
     async def run(self) -> None:
@@ -258,6 +265,11 @@ class AmqpConsumer:
         """Apply a disposition: the only place alertd acks, nacks or republishes."""
         channel, tag = message.channel, message.delivery_tag
         assert tag is not None
+        if channel.is_closed:
+            # Its connection is gone: the broker has requeued this delivery
+            # already, so a copy republished now would only be a duplicate.
+            log.warning("delivery's channel closed before settling; the broker redelivers it")
+            return
         try:
             match disposition:
                 case Ack():
@@ -265,25 +277,19 @@ class AmqpConsumer:
                 case Requeue():
                     await channel.basic_nack(tag, requeue=True)
                 case DeadLetter(reason):
-                    props = _republished(message, {
+                    await self._republish(message, dlq_name(self._settings.queue), {
                         REASON_HEADER: reason,
                         "x-alertd-dead-lettered-at": dt.datetime.now(dt.UTC).isoformat(),
                         "x-alertd-queue": self._settings.queue,
                     })
-                    await publish_confirmed(channel, dlq_name(self._settings.queue),
-                                            message.body, props)
-                    await channel.basic_ack(tag)
                     self._stats.count("dead_lettered")
                 case Retry(attempt, delay_s, received_at_ms, error):
-                    props = _republished(message, {
-                        ATTEMPT_HEADER: attempt,
-                        RECEIVED_AT_HEADER: received_at_ms,
-                        ERROR_HEADER: error[:500],
-                    })
-                    await publish_confirmed(
-                        channel, retry_queue_name(self._settings.queue, delay_s),
-                        message.body, props)
-                    await channel.basic_ack(tag)
+                    await self._republish(
+                        message, retry_queue_name(self._settings.queue, delay_s), {
+                            ATTEMPT_HEADER: attempt,
+                            RECEIVED_AT_HEADER: received_at_ms,
+                            ERROR_HEADER: error[:500],
+                        })
         except AMQP_FAILURES as exc:
             if channel.is_closed:
                 # The broker requeues everything unacked on a closed channel,
@@ -299,6 +305,36 @@ class AmqpConsumer:
             await asyncio.sleep(REQUEUE_AFTER_REFUSAL_S)
             with contextlib.suppress(*AMQP_FAILURES):
                 await channel.basic_nack(tag, requeue=True)
+
+    async def _republish(self, message: aiormq.abc.DeliveredMessage, queue: str,
+                         headers: dict[str, Any]) -> None:
+        """Publish a copy to ``queue`` (confirmed), then ack the original.
+
+        Crash in between: the original comes back and is handled again, so a
+        copy may be duplicated, never lost.
+        """
+        publisher = await self._publisher_channel()
+        try:
+            await publish_confirmed(publisher, queue, message.body,
+                                    _republished(message, headers))
+        except AMQP_FAILURES:
+            # RabbitMQ 3.10 keeps refusing publishes on a channel that a full
+            # quorum queue once rejected, even after the queue has room
+            # again: the next publish goes out on a fresh channel.
+            self._publisher = None
+            with contextlib.suppress(*AMQP_FAILURES):
+                await asyncio.wait_for(publisher.close(), 5)
+            raise
+        assert message.delivery_tag is not None
+        await message.channel.basic_ack(message.delivery_tag)
+
+    async def _publisher_channel(self) -> aiormq.abc.AbstractChannel:
+        """A confirm-mode channel for republishing, apart from the consuming one."""
+        if self._publisher is None or self._publisher.is_closed:
+            if self._connection is None or self._connection.is_closed:
+                raise ConnectionError("no broker connection to publish on")
+            self._publisher = await self._connection.channel(publisher_confirms=True)
+        return self._publisher
 
     async def stop_consuming(self) -> None:
         """Stop intake at once (basic.cancel); acks still flow for in-flight alerts."""
@@ -325,6 +361,7 @@ class AmqpConsumer:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._publisher = None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(*AMQP_FAILURES):
                 await asyncio.wait_for(connection.close(), 5)
