@@ -32,16 +32,17 @@ class Aggregate:
 
     def add(self, pid: int, beat: dict[str, Any]) -> None:
         last = self._last.setdefault(pid, {"counters": {}, "hist": {}, "cpu": 0.0})
-        counters: dict[tuple[str, ...], int] = {}
+        seen: dict[tuple[str, ...], int] = last["counters"]
         for row in beat.get("counters", []):
             key, value = tuple(str(k) for k in row[:-1]), int(row[-1])
-            counters[key] = value
-            delta = value - last["counters"].get(key, 0)
+            delta = value - seen.get(key, 0)
             if delta > 0:
+                # Only what is new since this pid's previous report: a beat
+                # that omits a counter must not make the next one count it twice.
+                seen[key] = value
                 self.counters[key] += delta
                 if key[:2] == ("alerts", "done"):
                     self.last_success_ts = time.time()
-        last["counters"] = counters
         for name, hist in beat.get("histograms", {}).items():
             before = last["hist"].get(name, {"counts": [0] * len(hist["counts"]), "sum": 0.0})
             totals = self.hist_counts.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 1))
@@ -50,9 +51,11 @@ class Aggregate:
             self.hist_sums[name] = self.hist_sums.get(name, 0.0) + max(
                 0.0, hist["sum"] - before["sum"])
             last["hist"][name] = hist
-        cpu = float(beat.get("cpu_s", 0.0)) + float(beat.get("children_cpu_s", 0.0))
-        self.cpu_s += max(0.0, cpu - last["cpu"])
-        last["cpu"] = cpu
+        if "cpu_s" in beat:
+            cpu = float(beat["cpu_s"]) + float(beat.get("children_cpu_s", 0.0))
+            if cpu > last["cpu"]:
+                self.cpu_s += cpu - last["cpu"]
+                last["cpu"] = cpu
 
     def child_gone(self, pid: int) -> None:
         self._last.pop(pid, None)

@@ -19,6 +19,7 @@ from alertd.adapters.amqp import AmqpConsumer
 from alertd.config import Settings
 from alertd.errors import ConfigError, StoreUnavailable
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_RECYCLED
+from alertd.handle import reopen_log_files
 from alertd.outbox import OutboxDispatcher
 from alertd.stats import ChildStats
 
@@ -59,6 +60,8 @@ class Child:
         self._heartbeat: asyncio.Task[None] | None = None
         self._report: asyncio.WriteTransport | None = None
         self._loop_lag = 0.0
+        # The master that forked us; a different parent means it died and we were adopted.
+        self._master_pid = os.getppid() if report_fd is not None else None
         # Jitter so that children started together do not all recycle together.
         self._max_alerts = 0
         if settings.max_alerts_per_child:
@@ -150,17 +153,24 @@ class Child:
         self.state = "draining"
         self._send_heartbeat()
         consumer, dispatcher, world = self._consumer, self._dispatcher, self._world
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.settings.graceful_timeout if self._graceful else 0.0)
         if consumer is not None:
             # basic.cancel first: no new deliveries while we finish the old ones.
             await consumer.stop_consuming()
-            timeout = self.settings.graceful_timeout if self._graceful else 0.0
-            requeued = await consumer.drain(timeout)
+            requeued = await consumer.drain(max(0.0, deadline - loop.time()))
             if requeued:
                 log.warning("graceful timeout: %d in-flight alerts requeued", requeued)
         if dispatcher is not None:
-            # A delivery cut short here is retried from the outbox by whoever
-            # claims the row next; the outbox keeps it.
+            # A delivery cut short here is only retried once its claim's lease
+            # runs out (a minute by default), so on a graceful stop the batch
+            # in progress may finish and record its attempts first, within
+            # what is left of the graceful timeout.
             dispatcher.stop()
+            outbox = [t for t in self._tasks if t.get_name() == "outbox"]
+            budget = min(self.settings.webhook_timeout + 1, deadline - loop.time())
+            if outbox and self._graceful and budget > 0:
+                await asyncio.wait(outbox, timeout=budget)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -186,10 +196,18 @@ class Child:
         self._stop.set()
 
     def _install_signals(self) -> None:
+        """TERM drains, QUIT stops now, USR1 reopens log files; the rest is the master's.
+
+        SIGINT is ignored (``_become_child``): Ctrl-C in a terminal reaches the
+        whole process group, and the master relays it as TERM; had we acted on
+        it too, the relayed TERM would count as a second signal and turn a
+        graceful stop into a fast one. HUP, TTIN and TTOU are ignored as well,
+        since their default actions would end or stop us.
+        """
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: self.request_stop(graceful=True))
-        loop.add_signal_handler(signal.SIGINT, lambda: self.request_stop(graceful=True))
         loop.add_signal_handler(signal.SIGQUIT, lambda: self.request_stop(graceful=False))
+        loop.add_signal_handler(signal.SIGUSR1, reopen_log_files)
 
     async def _open_report_pipe(self) -> None:
         if self._report_fd is None:
@@ -206,6 +224,10 @@ class Child:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             self._loop_lag = max(0.0, loop.time() - before - HEARTBEAT_INTERVAL_S)
             self._send_heartbeat()
+            orphaned = self._master_pid is not None and os.getppid() != self._master_pid
+            if orphaned and not self._stop.is_set():
+                log.warning("master pid %s is gone; stopping", self._master_pid)
+                self.request_stop(graceful=True)
 
     def heartbeat(self) -> dict[str, Any]:
         times = os.times()
@@ -221,6 +243,9 @@ class Child:
             "cpu_s": times.user + times.system,
             "children_cpu_s": times.children_user + times.children_system,
             "concurrency": self.settings.concurrency,
+            # Draining on purpose, to exit EXIT_RECYCLED: the master may start
+            # the replacement now instead of after the drain.
+            "recycling": self._exit_reason == "recycle",
             **self.stats.snapshot(),
         }
 

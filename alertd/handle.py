@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -18,6 +20,11 @@ from alertd.exitcodes import EXIT_CRASH
 log = logging.getLogger(__name__)
 
 MAX_PENDING_BYTES = 4 << 20
+# The signals the master handles. They are blocked across fork(): until the
+# child has reset them, the master's handler (inherited) would run in the
+# child and swallow e.g. the TERM of a stop that came while the child boots.
+MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                  signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 
 
 class ChildHandle:
@@ -42,10 +49,19 @@ class ChildHandle:
               *, close_in_child: list[int]) -> ChildHandle:
         """Fork a child; the child builds its own world and never returns from here."""
         read_fd, write_fd = os.pipe()
-        pid = os.fork()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         if pid == 0:  # pragma: no cover - runs in the child
             os.close(read_fd)
-            _become_child(settings, index, generation, write_fd, close_in_child)
+            _become_child(settings, index, generation, write_fd,
+                          close_in_child=close_in_child, mask=mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         return cls(pid, index, generation, read_fd)
@@ -86,6 +102,11 @@ class ChildHandle:
         if self.state == "consuming" and self.consuming_since is None:
             self.consuming_since = self.last_beat
 
+    @property
+    def recycling(self) -> bool:
+        """The child said it is draining on purpose, to exit EXIT_RECYCLED."""
+        return bool(self.last_report.get("recycling"))
+
     def consumed_for(self) -> float:
         if self.consuming_since is None:
             return 0.0
@@ -101,17 +122,31 @@ class ChildHandle:
                 os.close(self.read_fd)
 
 
-def _become_child(settings: Settings, index: int, generation: int, write_fd: int,
-                  close_in_child: list[int]) -> None:  # pragma: no cover - child side
+def _become_child(settings: Settings, index: int, generation: int, write_fd: int, *,
+                  close_in_child: list[int], mask: Iterable[int],
+                  ) -> None:  # pragma: no cover - child side
     code = EXIT_CRASH
     try:
+        # First, with the master's signals still blocked: our own dispositions.
+        # A TERM or QUIT from now until Child.serve installs its handlers ends
+        # the child at once, which is all a stop asks of one with nothing in flight.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        # Signals meant for the master only. Their default actions would end
+        # (INT, HUP, USR1) or stop (TTIN, TTOU) a child that gets one, e.g.
+        # sent to the whole process group; INT comes back relayed as TERM.
+        # Child.serve installs its own USR1 handler once its loop runs.
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # The master's SIGABRT for a hung child then shows where its loop is stuck.
+        faulthandler.enable(all_threads=True)
+
         from alertd.child import Child
         from alertd.logs import set_role
 
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
         for fd in close_in_child:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -127,3 +162,20 @@ def _become_child(settings: Settings, index: int, generation: int, write_fd: int
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def reopen_log_files() -> None:
+    """USR1: reopen every log file handler (a no-op for the default stderr handler).
+
+    A ``FileHandler`` without a stream opens its file again at the next
+    record, so a log rotated away by an operator is followed by a fresh file.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                    handler.stream = None
+            finally:
+                handler.release()

@@ -20,13 +20,12 @@ from alertd import sdnotify
 from alertd.aggregate import Aggregate
 from alertd.config import Settings
 from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED
-from alertd.handle import ChildHandle
+from alertd.handle import MASTER_SIGNALS, ChildHandle, reopen_log_files
 from alertd.statusview import MasterViews
 
 log = logging.getLogger(__name__)
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
+HANDLED_SIGNALS = MASTER_SIGNALS
 TICK_S = 0.25
 KILL_AFTER_ABORT_S = 5.0
 RESTART_BACKOFF_FIRST_S = 0.5
@@ -34,6 +33,12 @@ RESTART_BACKOFF_MAX_S = 30.0
 # A child that consumed for this long has proven itself: its slot's backoff resets.
 STABLE_AFTER_S = 10.0
 SUMMARY_EVERY_S = 60.0
+FORK_RETRY_S = 1.0
+
+
+def restart_delay(failures: int) -> float:
+    """Backoff before replacing a child after its ``failures``-th crash in a row."""
+    return float(min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_FIRST_S * 2 ** (failures - 1)))
 
 
 class Arbiter:
@@ -97,7 +102,8 @@ class Arbiter:
                 os.unlink(self.settings.pidfile)
 
     def _tick(self) -> None:
-        for key, mask in self._selector.select(TICK_S):
+        # Signals still queued are handled one per tick, without waiting a tick.
+        for key, mask in self._selector.select(0 if self.signals else TICK_S):
             key.data(mask)
         if self.signals:
             self._dispatch(self.signals.pop(0))
@@ -154,6 +160,8 @@ class Arbiter:
             child.signal(signal.SIGQUIT)
 
     def handle_hup(self) -> None:
+        if self.stopping:
+            return
         if self._reload is not None:
             try:
                 new = self._reload()
@@ -168,16 +176,21 @@ class Arbiter:
         log.info("reload: replacing children one by one (generation %d)", self.generation)
 
     def handle_ttin(self) -> None:
+        if self.stopping:
+            return
         self.num_workers += 1
         log.info("TTIN: %d children", self.num_workers)
 
     def handle_ttou(self) -> None:
+        if self.stopping:
+            return
         self.num_workers = max(1, self.num_workers - 1)
         log.info("TTOU: %d children", self.num_workers)
 
     def handle_usr1(self) -> None:
         # Logs go to stderr (journald or the container runtime), which has no
-        # file to reopen; children are told in case a handler was redirected.
+        # file to reopen; file handlers, ours and the children's, are reopened.
+        reopen_log_files()
         for child in self.children.values():
             child.signal(signal.SIGUSR1)
 
@@ -194,6 +207,9 @@ class Arbiter:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            # Its last heartbeats may still be in the pipe: they carry the
+            # final counters (totals) and what was in flight when it died.
+            self._read_child(child)
             self._forget(child)
             code = os.waitstatus_to_exitcode(status)
             self._on_exit(child, code)
@@ -202,6 +218,8 @@ class Arbiter:
         self.aggregate.child_gone(child.pid)
         in_flight = child.in_flight_alert_ids()
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if code == EXIT_RECYCLED:
+            how += ", recycled"
         planned = child.retiring or self.stopping
         level = logging.INFO if planned or code in (EXIT_OK, EXIT_RECYCLED) else logging.ERROR
         log.log(level, "child %d pid %d ended (%s)%s", child.index, child.pid, how,
@@ -219,7 +237,7 @@ class Arbiter:
             self._failures[child.index] = 0
         failures = self._failures.get(child.index, 0) + 1
         self._failures[child.index] = failures
-        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_FIRST_S * 2 ** (failures - 1))
+        delay = restart_delay(failures)
         self._not_before[child.index] = time.monotonic() + delay
         log.warning("child %d will be replaced in %.1fs (crash %d in a row)",
                     child.index, delay, failures)
@@ -239,6 +257,9 @@ class Arbiter:
                 child.killed_at = now
                 self.aggregate.count_hung()
                 child.signal(signal.SIGABRT)
+                # A stopped child (SIGSTOP, a debugger detached) would hold the
+                # abort pending until SIGKILL; let it act on it now.
+                child.signal(signal.SIGCONT)
 
     def manage_children(self) -> None:
         active = [c for c in self.children.values() if not c.retiring]
@@ -246,7 +267,7 @@ class Arbiter:
         now = time.monotonic()
         for index in range(self.num_workers):
             if index not in present and now >= self._not_before.get(index, 0.0):
-                self.spawn(index)
+                self._try_spawn(index)
         for child in active:
             if child.index >= self.num_workers:
                 self.retire(child)
@@ -263,11 +284,28 @@ class Arbiter:
                 self.retire(old)
         if self._replacing:
             return
+        now = time.monotonic()
         for child in active:
-            if child.generation < self.generation and child.index < self.num_workers:
-                new = self.spawn(child.index)
-                self._replacing[new.pid] = child.pid
+            # ``active`` predates the retire() above: a child retired there
+            # already has its successor and must not get a second one.
+            # A replacement that crashed waits out its slot's backoff like any
+            # other, or a config that crashes children would fork-loop here.
+            if (child.generation < self.generation and child.index < self.num_workers
+                    and not child.retiring
+                    and now >= self._not_before.get(child.index, 0.0)):
+                new = self._try_spawn(child.index)
+                if new is not None:
+                    self._replacing[new.pid] = child.pid
                 return
+
+    def _try_spawn(self, index: int) -> ChildHandle | None:
+        try:
+            return self.spawn(index)
+        except OSError as exc:  # EAGAIN, ENOMEM: the children we have keep working
+            log.error("cannot fork child %d: %s; retrying in %.0fs", index, exc,
+                      FORK_RETRY_S)
+            self._not_before[index] = time.monotonic() + FORK_RETRY_S
+            return None
 
     def spawn(self, index: int) -> ChildHandle:
         inherited = [self._wake_r, self._wake_w, self._selector.fileno()]
@@ -291,6 +329,11 @@ class Arbiter:
     def _read_child(self, child: ChildHandle) -> None:
         for beat in child.read_heartbeats():
             self.aggregate.add(child.pid, beat)
+        if child.recycling and not child.retiring and not self.stopping:
+            # It drains, then exits EXIT_RECYCLED: its slot need not wait for that.
+            log.info("child %d pid %d recycles: starting its replacement now",
+                     child.index, child.pid)
+            child.retiring = True
         if child.eof:
             self._forget(child)
 

@@ -38,6 +38,9 @@ def notify(message: str, *, throttle_s: float = 0.0) -> bool:
 def notify_watchdog() -> None:
     """WATCHDOG=1 at a third of WATCHDOG_USEC; only called while heartbeats are fresh."""
     global _last_watchdog  # noqa: PLW0603 - one master per process
+    watched = os.environ.get("WATCHDOG_PID")
+    if watched and watched != str(os.getpid()):
+        return  # systemd watches another process of ours, not this one
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     interval = usec / 3e6 if usec else 1.0
     now = time.monotonic()

@@ -88,6 +88,7 @@ def status_document(arbiter: Arbiter) -> dict[str, Any]:
             "index": child.index, "pid": child.pid, "state": child.state,
             "generation": child.generation, "age_s": round(now - child.started, 1),
             "retiring": child.retiring,
+            "concurrency": report.get("concurrency"),
             "rss_bytes": report.get("rss_bytes", 0),
             "loop_lag_s": report.get("loop_lag_s", 0.0),
             "processed": sum(int(r[-1]) for r in counters if r[0] == "alerts"),
@@ -100,6 +101,7 @@ def status_document(arbiter: Arbiter) -> dict[str, Any]:
         "master_pid": os.getpid(), "uptime_s": round(now - arbiter.started, 1),
         "workers": arbiter.num_workers, "concurrency": arbiter.settings.concurrency,
         "stopping": arbiter.stopping, "restarts": arbiter.aggregate.restarts,
+        "hung": arbiter.aggregate.hung, "generation": arbiter.generation,
         "processed": done + failed, "failed": failed, "children": children,
     }
 

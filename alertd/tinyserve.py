@@ -10,6 +10,7 @@ the loop that supervises the children.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import socket
@@ -17,14 +18,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+log = logging.getLogger(__name__)
+
 MAX_REQUEST_BYTES = 16 * 1024
 CLIENT_DEADLINE_S = 5.0
+ACCEPT_ERROR_LOG_EVERY_S = 10.0
 
 # (method, path) -> (status, content type, body)
 HttpHandler = Callable[[str, str], tuple[int, str, bytes]]
 LineHandler = Callable[[str], bytes]
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
+           503: "Service Unavailable"}
 
 
 @dataclass
@@ -47,6 +52,7 @@ class TinyServer:
         self._http = http
         self._line = line
         self._clients: dict[int, _Client] = {}
+        self._accept_error_logged = 0.0
         listener.setblocking(False)
         selector.register(listener, selectors.EVENT_READ, self._accept)
 
@@ -93,7 +99,13 @@ class TinyServer:
     def _accept(self, mask: int) -> None:
         try:
             sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE, ENOBUFS...: the master must live on
+            now = time.monotonic()
+            if now - self._accept_error_logged >= ACCEPT_ERROR_LOG_EVERY_S:
+                self._accept_error_logged = now
+                log.warning("cannot accept on %s: %s", self.listener.getsockname(), exc)
             return
         sock.setblocking(False)
         fd = sock.fileno()
@@ -109,6 +121,8 @@ class TinyServer:
                 self._read(client)
             elif mask & selectors.EVENT_WRITE:
                 self._write(client)
+        except (BlockingIOError, InterruptedError):
+            return  # not ready after all; the selector says when
         except OSError:
             self._drop(fd)
 
@@ -135,15 +149,25 @@ class TinyServer:
         return None if end < 0 else bytes(inbox[:end])
 
     def _respond(self, request: bytes) -> bytes:
+        # A failing view is answered with an error; it must not take down the
+        # master, whose loop this runs on.
         if self._line is not None:
-            return self._line(request.decode("utf-8", "replace").strip())
+            try:
+                return self._line(request.decode("utf-8", "replace").strip())
+            except Exception:
+                log.exception("control request %r failed", request[:100])
+                return b'{"error": "internal error, see the master\'s log"}\n'
         assert self._http is not None
         try:
             method, target, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
         except ValueError:
             status, ctype, body = 400, "text/plain", b"bad request\n"
         else:
-            status, ctype, body = self._http(method, target.split("?", 1)[0])
+            try:
+                status, ctype, body = self._http(method, target.split("?", 1)[0])
+            except Exception:
+                log.exception("HTTP %s %s failed", method, target[:200])
+                status, ctype, body = 500, "text/plain", b"internal error\n"
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n")

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -271,3 +278,174 @@ def alert(alert_id: str, video_url: str, webhook_url: str, **extra: Any) -> dict
 def kill_quietly(pid: int, signum: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+# -- master supervision (tests/e2e/test_master.py) ----------------------------------------
+
+
+@contextlib.contextmanager
+def unmigrated_database() -> Iterator[str]:
+    """A database that exists but was never migrated: children must refuse it (exit 3)."""
+    from tests.conftest import RUN_ID, create_database, drop_database
+
+    name = f"alertd_test_{RUN_ID}_raw_{uuid.uuid4().hex[:6]}"
+    dsn = create_database(name)
+    try:
+        yield dsn
+    finally:
+        drop_database(name)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """Status and body of ``GET http://127.0.0.1:<port><path>`` (errors included)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metric_values(port: int) -> dict[str, float]:
+    """The /metrics samples on ``port``, keyed by ``name{labels}`` as exposed."""
+    status, body = http_get(port, "/metrics")
+    assert status == 200, status
+    values = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """``alertd <args>`` in a subprocess, output captured as text."""
+    return subprocess.run([ALERTD, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+SPAWNED = re.compile(r"spawned child (\d+) pid (\d+) \(generation (\d+)\)")
+
+
+def spawned(log: str) -> list[tuple[int, int, int]]:
+    """(index, pid, generation) of every child the master forked, in order."""
+    return [(int(i), int(p), int(g)) for i, p, g in SPAWNED.findall(log)]
+
+
+def lines_with(log: str, needle: str) -> list[str]:
+    return [line for line in log.splitlines() if needle in line]
+
+
+def webhook_ids_by_alert(srv: Servers) -> dict[str, set[str]]:
+    """Distinct webhook-ids the sink got per alert (a repeat of one id is at-least-once)."""
+    return {alert_id: {r.headers["webhook-id"] for r in requests}
+            for alert_id, requests in srv.webhooks_by_alert().items()}
+
+
+class ConfigFileAlertd(Alertd):
+    """``alertd start --config FILE`` with workers and concurrency only in the file.
+
+    The base class puts them on the command line, where they would outrank
+    the file and a reload (HUP) could not change them.
+    """
+
+    def __init__(self, tmp_path: Path, amqp_url: str, dsn: str, config: Path, *args: str,
+                 workers: int, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(tmp_path, amqp_url, dsn, *args, workers=workers, env=env)
+        for flag in ("--workers", "--concurrency"):
+            at = self.argv.index(flag)
+            del self.argv[at:at + 2]
+        self.argv[2:2] = ["--config", str(config)]
+
+
+class SessionAlertd(Alertd):
+    """An ``alertd start`` leading a process group of its own, as a terminal's job does."""
+
+    def start(self) -> Self:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        return self
+
+    def send_group(self, signum: int) -> None:
+        """Signal the master and every child at once (Ctrl-C sends SIGINT like this)."""
+        os.killpg(self.pid, signum)
+
+
+@dataclass(frozen=True)
+class Datagram:
+    at: float  # time.monotonic() when received
+    pid: int  # sender, from SCM_CREDENTIALS
+    text: str
+
+    def fields(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in self.text.splitlines() if "=" in line)
+
+
+class NotifySocket:
+    """A stand-in for systemd's $NOTIFY_SOCKET: records each datagram and who sent it.
+
+    ``on_datagram`` runs in the receiving thread as each one arrives, so a test
+    can look at the world at that very moment (e.g. ask ``alertd status`` on READY=1).
+    """
+
+    def __init__(self, path: Path,
+                 on_datagram: Callable[[Datagram], None] | None = None) -> None:
+        self.path = str(path)
+        self.received: list[Datagram] = []
+        self._on_datagram = on_datagram
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.path)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _receive(self) -> None:
+        creds_size = socket.CMSG_SPACE(struct.calcsize("3i"))
+        while not self._stop.is_set():
+            try:
+                data, ancdata, _, _ = self._sock.recvmsg(4096, creds_size)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = 0
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", payload[:struct.calcsize("3i")])[0]
+            datagram = Datagram(time.monotonic(), pid, data.decode("utf-8", "replace"))
+            self.received.append(datagram)
+            if self._on_datagram is not None:
+                self._on_datagram(datagram)
+
+    def with_field(self, name: str, value: str | None = None) -> list[Datagram]:
+        return [d for d in list(self.received) if name in d.fields()
+                and (value is None or d.fields()[name] == value)]
+
+
+def forked_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` as the kernel lists them, at once after each fork."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]

@@ -1,0 +1,239 @@
+"""The master's policy without forking real workers: backoff, halting, rollover, notify."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from alertd import sdnotify
+from alertd.config import Settings
+from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_RECYCLED
+from alertd.handle import ChildHandle
+from alertd.master import Arbiter, restart_delay
+from alertd.stats import ChildStats
+
+
+class Kids:
+    """Children made of pipes (no process behind them) for an Arbiter under test."""
+
+    def __init__(self) -> None:
+        self.writers: dict[int, int] = {}
+        self.made: list[ChildHandle] = []
+        self._next_pid = 1 << 30  # above any pid_max: signalling it is a harmless ESRCH
+
+    def make(self, index: int, generation: int = 0, state: str = "booting") -> ChildHandle:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self._next_pid += 1
+        child = ChildHandle(self._next_pid, index, generation, read_fd)
+        child.state = state
+        self.writers[child.pid] = write_fd
+        self.made.append(child)
+        return child
+
+    def report(self, child: ChildHandle, **beat: object) -> None:
+        os.write(self.writers[child.pid], orjson.dumps(beat) + b"\n")
+
+    def close(self) -> None:
+        for fd in self.writers.values():
+            os.close(fd)
+        for child in self.made:
+            child.close()
+
+
+@pytest.fixture()
+def kids() -> Iterator[Kids]:
+    made = Kids()
+    yield made
+    made.close()
+
+
+@pytest.fixture()
+def arbiter(kids: Kids, monkeypatch: pytest.MonkeyPatch) -> Arbiter:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    arb = Arbiter(Settings(workers=1, heartbeat_timeout=5))
+    spawned: list[ChildHandle] = []
+
+    def fake_spawn(index: int) -> ChildHandle:
+        child = kids.make(index, arb.generation)
+        arb.children[child.pid] = child
+        spawned.append(child)
+        return child
+
+    monkeypatch.setattr(arb, "spawn", fake_spawn)
+    arb.spawned = spawned  # type: ignore[attr-defined]
+    return arb
+
+
+def test_restart_delay_doubles_from_half_a_second_and_stops_at_thirty() -> None:
+    assert [restart_delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_child_refusing_the_config_halts_the_master_with_exit_3(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    arbiter._on_exit(kids.make(0), EXIT_CONFIG)
+    assert arbiter.exit_code == EXIT_CONFIG
+    assert arbiter.stopping == "graceful"
+    arbiter.manage_children()  # the loop does not call it while stopping; nor may it fork
+    assert arbiter.aggregate.restarts == 0
+
+
+def test_crashes_in_a_row_back_off_and_a_recycled_child_is_replaced_at_once(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    for _ in range(3):
+        arbiter._on_exit(kids.make(0), EXIT_CRASH)
+    wait = arbiter._not_before[0] - time.monotonic()
+    assert 1.5 < wait <= 2.0
+    assert arbiter.aggregate.restarts == 3
+    arbiter.manage_children()
+    assert arbiter.spawned == []  # type: ignore[attr-defined]
+
+    arbiter._not_before.clear()
+    arbiter._on_exit(kids.make(0), EXIT_RECYCLED)
+    assert arbiter.aggregate.restarts == 3 and not arbiter._not_before
+    arbiter.manage_children()
+    assert len(arbiter.spawned) == 1  # type: ignore[attr-defined]
+
+
+def test_a_hup_replacement_that_crashes_waits_out_the_backoff_instead_of_fork_looping(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    old = kids.make(0, generation=0, state="consuming")
+    arbiter.children[old.pid] = old
+    arbiter.handle_hup()
+    arbiter.manage_children()
+    new = arbiter.spawned[-1]  # type: ignore[attr-defined]
+    del arbiter.children[new.pid]  # it died at boot
+    arbiter._on_exit(new, EXIT_CRASH)
+    for _ in range(3):
+        arbiter.manage_children()
+    assert len(arbiter.spawned) == 1  # type: ignore[attr-defined]
+    assert old.pid in arbiter.children and not old.retiring
+
+    arbiter._not_before.clear()  # the backoff ran out
+    arbiter.manage_children()
+    assert len(arbiter.spawned) == 2  # type: ignore[attr-defined]
+
+
+def test_a_hup_retires_the_old_child_only_once_its_successor_consumes(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    old = kids.make(0, generation=0, state="consuming")
+    arbiter.children[old.pid] = old
+    arbiter.handle_hup()
+    arbiter.manage_children()
+    new = arbiter.spawned[-1]  # type: ignore[attr-defined]
+    arbiter.manage_children()
+    assert not old.retiring
+    new.state = "consuming"
+    arbiter.manage_children()
+    assert old.retiring and new.generation == 1
+    arbiter.manage_children()
+    assert arbiter.spawned == [new], "the retired child got a second successor"  # type: ignore[attr-defined]
+
+
+def test_a_recycling_child_gets_its_replacement_before_it_has_drained(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    child = kids.make(0, state="consuming")
+    arbiter.children[child.pid] = child
+    kids.report(child, state="draining", recycling=True)
+    arbiter._read_child(child)
+    assert child.retiring
+    arbiter.manage_children()
+    assert [c.index for c in arbiter.spawned] == [0]  # type: ignore[attr-defined]
+    arbiter._on_exit(child, EXIT_RECYCLED)
+    assert arbiter.aggregate.restarts == 0
+
+
+def test_reaping_a_child_first_reads_the_heartbeats_it_left_in_the_pipe(
+    arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stats = ChildStats()
+    for _ in range(7):
+        stats.count("alerts", "done", "")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: one last report, then exit
+        os.write(write_fd, orjson.dumps({"state": "stopped", **stats.snapshot()}) + b"\n")
+        os._exit(EXIT_RECYCLED)
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    arbiter.children[pid] = ChildHandle(pid, 0, 0, read_fd)
+    _, status = os.waitpid(pid, 0)
+    # reap() waits for any child; hand it ours only, whatever else pytest runs.
+    results = [(pid, status)]
+
+    def waitpid(want: int, options: int) -> tuple[int, int]:
+        if not results:
+            raise ChildProcessError
+        return results.pop()
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    arbiter.reap()
+    assert arbiter.aggregate.processed() == (7, 0)
+    assert pid not in arbiter.children
+
+
+def test_the_watchdog_is_fed_only_while_heartbeats_are_fresh(
+    arbiter: Arbiter, kids: Kids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = str(tmp_path / "notify.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    monkeypatch.setattr(sdnotify, "_last_sent", {})
+
+    def heard() -> list[bytes]:
+        got = []
+        while True:
+            try:
+                got.append(sink.recv(4096))
+            except BlockingIOError:
+                return got
+
+    child = kids.make(0, state="booting")
+    arbiter.children[child.pid] = child
+    monkeypatch.setattr(sdnotify, "_last_watchdog", 0.0)
+    arbiter._notify_systemd()
+    first = heard()
+    assert b"WATCHDOG=1" in first and b"READY=1" not in first  # not consuming yet
+
+    child.state = "consuming"
+    child.last_beat = time.monotonic() - 6  # silent for longer than --heartbeat-timeout
+    monkeypatch.setattr(sdnotify, "_last_watchdog", 0.0)
+    arbiter._notify_systemd()
+    stale = heard()
+    assert b"READY=1" in stale and b"WATCHDOG=1" not in stale
+
+    child.last_beat = time.monotonic()
+    monkeypatch.setattr(sdnotify, "_last_watchdog", 0.0)
+    arbiter._notify_systemd()
+    assert heard() == [b"WATCHDOG=1"]  # STATUS is throttled to once a second
+    sink.close()
+
+
+def test_heartbeats_split_across_reads_are_reassembled_and_garbage_is_skipped(
+    kids: Kids,
+) -> None:
+    child = kids.make(0)
+    fd = kids.writers[child.pid]
+    os.write(fd, b'{"state": "connecting"}\nnot json\n{"state": "cons')
+    assert [b["state"] for b in child.read_heartbeats()] == ["connecting"]
+    os.write(fd, b'uming", "slots": [{"alert_id": "a-1"}, {"alert_id": null}]}\n')
+    assert [b["state"] for b in child.read_heartbeats()] == ["consuming"]
+    assert child.state == "consuming" and child.in_flight_alert_ids() == ["a-1"]
+    os.close(fd)
+    kids.writers.pop(child.pid)
+    assert child.read_heartbeats() == [] and child.eof
+    child.close()
