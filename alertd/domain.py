@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +48,16 @@ class Alert:
     occurred_at: dt.datetime | None = None
     source: str | None = None
     attributes: JSON = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what the alert asks for, to tell a redelivery from a reused id."""
+        canonical = orjson.dumps({
+            "video_url": self.video_url, "webhook_url": self.webhook_url,
+            "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
+            "source": self.source, "attributes": self.attributes,
+        }, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,14 @@ from alertd.domain import parse_alert
 from alertd.errors import InvalidMessage
 from alertd.logs import current_alert_id
 from alertd.ports import Prober, ResultStore, VideoFetcher
-from alertd.service import AlreadyRecorded, Attempt, Recorded, RetryLater, process_alert
+from alertd.service import (
+    AlreadyRecorded,
+    Attempt,
+    ConflictingDuplicate,
+    Recorded,
+    RetryLater,
+    process_alert,
+)
 from alertd.stats import ChildStats
 
 log = logging.getLogger(__name__)
@@ -108,6 +115,13 @@ class AlertHandler:
             sleep=asyncio.sleep,
         )
         match decision:
+            case ConflictingDuplicate():
+                self._stats.count("invalid", "duplicate_alert_id")
+                log.warning("dead-lettering alert %s: its id is stored for another request",
+                            alert.alert_id)
+                return DeadLetter("duplicate_alert_id: already stored for a request with a "
+                                  "different video_url, webhook_url, occurred_at, source or "
+                                  "attributes")
             case AlreadyRecorded():
                 self._stats.count("duplicates")
                 log.info("alert %s already stored; acking the duplicate", alert.alert_id)

@@ -43,10 +43,12 @@ class Prober(Protocol):
 
 
 class ResultStore(Protocol):
-    async def is_recorded(self, alert_id: str) -> bool:
-        """True when an outcome for ``alert_id`` is already committed.
+    async def recorded_fingerprint(self, alert_id: str) -> str | None:
+        """None when no outcome for ``alert_id`` is committed, else its request fingerprint.
 
-        Raises ``StoreUnavailable`` when the store cannot answer.
+        The fingerprint is the stored alert's ``Alert.fingerprint``, or ""
+        when it was stored before fingerprints were kept. Raises
+        ``StoreUnavailable`` when the store cannot answer.
         """
         ...
 

@@ -53,13 +53,18 @@ class AlreadyRecorded:
 
 
 @dataclass(frozen=True, slots=True)
+class ConflictingDuplicate:
+    """The alert id is already stored for a different request: a producer reused it."""
+
+
+@dataclass(frozen=True, slots=True)
 class RetryLater:
     """A transient failure with attempts left: try again after a delay, off the slot."""
 
     failure: Failure
 
 
-Decision = Recorded | AlreadyRecorded | RetryLater
+Decision = Recorded | AlreadyRecorded | ConflictingDuplicate | RetryLater
 
 
 def utc_now() -> dt.datetime:
@@ -85,7 +90,10 @@ async def process_alert(
     never failed or acked because the database blinked.
     """
     on_stage(Stage.DEDUP)
-    if await _until_store_answers(lambda: store.is_recorded(alert.alert_id), sleep):
+    stored = await _until_store_answers(lambda: store.recorded_fingerprint(alert.alert_id), sleep)
+    if stored is not None:
+        if stored and stored != alert.fingerprint:
+            return ConflictingDuplicate()
         return AlreadyRecorded()
 
     try:

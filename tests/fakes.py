@@ -74,9 +74,10 @@ class InMemoryStore:
             self.outages -= 1
             raise StoreUnavailable("fake outage")
 
-    async def is_recorded(self, alert_id: str) -> bool:
+    async def recorded_fingerprint(self, alert_id: str) -> str | None:
         self._maybe_unavailable()
-        return alert_id in self.rows
+        row = self.rows.get(alert_id)
+        return None if row is None else row.alert.fingerprint
 
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         self._maybe_unavailable()

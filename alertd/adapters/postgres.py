@@ -157,10 +157,13 @@ class PostgresStore:
         async with self._connection() as conn:
             await check_schema(conn)
 
-    async def is_recorded(self, alert_id: str) -> bool:
+    async def recorded_fingerprint(self, alert_id: str) -> str | None:
         async with self._connection() as conn:
-            cur = await conn.execute("SELECT 1 FROM alerts WHERE alert_id = %s", (alert_id,))
-            return await cur.fetchone() is not None
+            cur = await conn.execute(
+                "SELECT coalesce(request_sha256, '') FROM alerts WHERE alert_id = %s",
+                (alert_id,))
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
 
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         alert = outcome.alert
@@ -176,6 +179,7 @@ class PostgresStore:
                 "source": alert.source,
                 "occurred_at": alert.occurred_at,
                 "video_url": alert.video_url,
+                "request_sha256": alert.fingerprint,
             })
             if await cur.fetchone() is None:
                 # Already stored by an earlier delivery of this alert: the
@@ -291,9 +295,9 @@ def _jsonb(value: Any) -> Jsonb | None:
 
 _INSERT_ALERT: LiteralString = """
     INSERT INTO alerts (alert_id, status, metadata, error, attempts, received_at,
-                        processed_at, source, occurred_at, video_url)
+                        processed_at, source, occurred_at, video_url, request_sha256)
     VALUES (%(alert_id)s, %(status)s, %(metadata)s, %(error)s, %(attempts)s, %(received_at)s,
-            %(processed_at)s, %(source)s, %(occurred_at)s, %(video_url)s)
+            %(processed_at)s, %(source)s, %(occurred_at)s, %(video_url)s, %(request_sha256)s)
     ON CONFLICT (alert_id) DO NOTHING
     RETURNING alert_id
 """

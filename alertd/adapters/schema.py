@@ -78,6 +78,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         CREATE INDEX webhook_attempts_outbox_id ON webhook_attempts (outbox_id);
     """),
+    Migration(2, "request fingerprint, to tell a redelivery from a reused alert id", """
+        -- NULL on rows stored before it was kept: treated as "same request".
+        ALTER TABLE alerts ADD COLUMN request_sha256 text;
+    """),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

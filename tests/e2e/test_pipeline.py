@@ -64,7 +64,9 @@ def test_a_mixed_batch_ends_with_the_right_rows_dead_letters_and_signed_webhooks
                                for i, u in valid.items()]
         bodies += [orjson.dumps(alert(i, u, hook)) for i, (u, _) in failing.items()]
         bodies += invalid
-        bodies.append(orjson.dumps(alert("ok-mp4", srv.clip_url("mp4"), hook)))  # duplicate
+        # An exact redelivery: acked without a second row or webhook.
+        bodies.append(orjson.dumps(alert("ok-mp4", srv.clip_url("mp4"), hook,
+                                         attributes={"n": "ok-mp4"})))
         publish(fresh_vhost, bodies)
 
         expected = set(valid) | set(failing)
@@ -111,10 +113,18 @@ def test_a_mixed_batch_ends_with_the_right_rows_dead_letters_and_signed_webhooks
         assert bad["type"] == "alert.failed" and bad["metadata"] is None
         assert bad["error"]["code"] == "download_not_found"
 
+        # The same id again, for another clip, once the first is stored: a
+        # producer bug that must be seen, not silently acked.
+        reused = orjson.dumps(alert("ok-webm", srv.clip_url("mkv"), hook))
+        publish(fresh_vhost, [reused])
+        wait_until(lambda: queue_counts(fresh_vhost)["alerts.dlq"] == len(invalid) + 1, 30,
+                   "the reused id dead-lettered")
         dead = take_dead_letters(fresh_vhost)
         reasons = sorted(str(headers["x-alertd-reason"]).split(":")[0] for _, headers in dead)
-        assert reasons == ["invalid_field", "invalid_json", "missing_field", "not_an_object"]
-        assert {body for body, _ in dead} == set(invalid)
+        assert reasons == ["duplicate_alert_id", "invalid_field", "invalid_json",
+                           "missing_field", "not_an_object"]
+        assert {body for body, _ in dead} == {*invalid, reused}
+        assert rows(fresh_db)["ok-webm"]["video_url"] == srv.clip_url("webm")
         assert all(o["status"] == "delivered" for o in outbox(fresh_db))
         proc.stop()
         assert queue_counts(fresh_vhost)["alerts"] == 0

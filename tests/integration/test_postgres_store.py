@@ -163,7 +163,7 @@ async def test_a_missing_table_is_a_loud_programming_error_not_store_unavailable
     pool = await open_pool(unmigrated_db, 1)
     try:
         with pytest.raises(psycopg.errors.UndefinedTable):
-            await PostgresStore(pool).is_recorded("a-1")
+            await PostgresStore(pool).recorded_fingerprint("a-1")
     finally:
         await pool.close()
 
@@ -177,7 +177,7 @@ async def test_record_outcome_commits_the_alert_and_one_pending_outbox_row(
     outcome = make_outcome()
     event = event_for(outcome)
     assert await store.record_outcome(outcome, event) is True
-    assert await store.is_recorded(outcome.alert.alert_id) is True
+    assert await store.recorded_fingerprint(outcome.alert.alert_id) == outcome.alert.fingerprint
     rows = await fetch(fresh_db, """
         SELECT webhook_id, event_type, url, payload, body, status, attempts,
                next_attempt_at <= now(), delivered_at
@@ -211,7 +211,7 @@ async def test_an_outcome_without_a_webhook_event_queues_nothing(
 ) -> None:
     outcome = make_outcome(webhook_url=None)
     assert await store.record_outcome(outcome, None) is True
-    assert await store.is_recorded(outcome.alert.alert_id)
+    assert await store.recorded_fingerprint(outcome.alert.alert_id) is not None
     assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(0,)]
 
 
@@ -438,7 +438,7 @@ async def test_an_unreachable_database_raises_store_unavailable_from_every_call(
     delivery = PendingDelivery(1, "msg_x", "a", HOOK, b"{}", 0)
     try:
         calls = [
-            store.is_recorded("a"),
+            store.recorded_fingerprint("a"),
             store.record_outcome(outcome, event_for(outcome)),
             store.claim_due(1, 30),
             store.record_attempt(delivery, DeliveryResult(ok=True), next_attempt_at=None),
@@ -479,7 +479,7 @@ async def test_a_pool_opened_while_the_database_is_down_serves_once_it_is_back(
     store = PostgresStore(pool)
     try:
         with pytest.raises(StoreUnavailable):
-            await store.is_recorded("a")
+            await store.recorded_fingerprint("a")
         server = await asyncio.start_server(
             lambda r, w: pipe_to(str(real["host"]), int(real.get("port") or 5432), r, w),
             "127.0.0.1", port)
@@ -487,7 +487,7 @@ async def test_a_pool_opened_while_the_database_is_down_serves_once_it_is_back(
             deadline = asyncio.get_running_loop().time() + 20
             while True:
                 try:
-                    assert await store.is_recorded("a") is False
+                    assert await store.recorded_fingerprint("a") is None
                     break
                 except StoreUnavailable:
                     assert asyncio.get_running_loop().time() < deadline, "pool never reconnected"
@@ -510,7 +510,7 @@ async def test_terminated_idle_backends_are_replaced_before_the_next_call(
     # The pool's checkout check finds the dead connections and reconnects, so
     # the call succeeds rather than surfacing StoreUnavailable.
     assert await store.record_outcome(outcome, event_for(outcome)) is True
-    assert await store.is_recorded(outcome.alert.alert_id) is True
+    assert await store.recorded_fingerprint(outcome.alert.alert_id) == outcome.alert.fingerprint
 
 
 async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and_commits_nothing(
@@ -535,6 +535,6 @@ async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and
         with pytest.raises(StoreUnavailable):
             await task
         await locker.rollback()
-    assert await store.is_recorded(outcome.alert.alert_id) is False
+    assert await store.recorded_fingerprint(outcome.alert.alert_id) is None
     assert await store.record_outcome(outcome, event_for(outcome)) is True
     assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]

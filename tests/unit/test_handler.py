@@ -90,3 +90,15 @@ async def test_the_slot_reports_its_alert_id_while_busy() -> None:
     assert stats.slots[slot].alert_id == "h-1"
     stats.close_slot(slot)
     assert stats.slots == {}
+
+
+async def test_a_reused_alert_id_for_another_request_is_dead_lettered_with_its_reason() -> None:
+    store = InMemoryStore()
+    handle, stats = handler(store=store)
+    await handle(InboundMessage(BODY, {}, False), stats.open_slot())
+    other = orjson.dumps({"alert_id": "h-1", "video_url": "http://clips.test/b.mp4",
+                          "webhook_url": "http://h.test/"})
+    disposition = await handle(InboundMessage(other, {}, False), stats.open_slot())
+    assert isinstance(disposition, DeadLetter)
+    assert disposition.reason.startswith("duplicate_alert_id:")
+    assert stats.counters[("invalid", "duplicate_alert_id")] == 1

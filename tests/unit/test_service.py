@@ -6,7 +6,14 @@ import datetime as dt
 
 from alertd.domain import Alert, DownloadedVideo, Stage, Status
 from alertd.errors import ErrorCode, PermanentError, TransientError
-from alertd.service import AlreadyRecorded, Attempt, Recorded, RetryLater, process_alert
+from alertd.service import (
+    AlreadyRecorded,
+    Attempt,
+    ConflictingDuplicate,
+    Recorded,
+    RetryLater,
+    process_alert,
+)
 from tests.fakes import FakeFetcher, FakeProber, InMemoryStore, no_sleep
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -127,3 +134,22 @@ async def test_received_at_and_processed_at_are_kept_on_the_row() -> None:
     await run(store=store)
     assert store.rows["a-1"].received_at == T0
     assert store.rows["a-1"].processed_at == T0
+
+
+async def test_a_reused_alert_id_with_a_different_request_is_a_conflict_not_a_duplicate() -> None:
+    store = InMemoryStore()
+    await run(store=store)
+    reused = Alert(alert_id="a-1", video_url="http://clips.test/other.mp4",
+                   webhook_url="http://hooks.test/h", attributes={"camera": 7})
+    fetcher = FakeFetcher()
+    decision = await run(reused, store=store, fetcher=fetcher)
+    assert isinstance(decision, ConflictingDuplicate)
+    assert fetcher.fetched == [] and len(store.outbox) == 1
+
+
+def test_the_fingerprint_ignores_the_id_and_key_order_but_not_the_request() -> None:
+    a = Alert("x", "http://v/1", "http://h/", attributes={"a": 1, "b": {"c": 2, "d": 3}})
+    b = Alert("y", "http://v/1", "http://h/", attributes={"b": {"d": 3, "c": 2}, "a": 1})
+    assert a.fingerprint == b.fingerprint
+    assert a.fingerprint != Alert("x", "http://v/2", "http://h/", attributes=a.attributes
+                                  ).fingerprint
