@@ -28,6 +28,8 @@ class Aggregate:
         self.cpu_s = 0.0
         self.last_success_ts = 0.0
         self._last: dict[int, dict[str, Any]] = {}
+        # Point-in-time values per live child (e.g. the outbox backlog).
+        self.gauges: dict[int, dict[str, float]] = {}
         self._summary_base: Counter[tuple[str, ...]] = Counter()
 
     def add(self, pid: int, beat: dict[str, Any]) -> None:
@@ -51,14 +53,25 @@ class Aggregate:
             self.hist_sums[name] = self.hist_sums.get(name, 0.0) + max(
                 0.0, hist["sum"] - before["sum"])
             last["hist"][name] = hist
+        if "gauges" in beat:
+            self.gauges[pid] = {str(k): float(v) for k, v in beat["gauges"].items()}
         if "cpu_s" in beat:
-            cpu = float(beat["cpu_s"]) + float(beat.get("children_cpu_s", 0.0))
+            # Its own, its reaped children's (ffprobe) and its live ones' (PyAV
+            # helpers): a helper that exits moves from the last to the second.
+            cpu = (float(beat["cpu_s"]) + float(beat.get("children_cpu_s", 0.0))
+                   + float(beat.get("helpers_cpu_s", 0.0)))
             if cpu > last["cpu"]:
                 self.cpu_s += cpu - last["cpu"]
                 last["cpu"] = cpu
 
     def child_gone(self, pid: int) -> None:
         self._last.pop(pid, None)
+        self.gauges.pop(pid, None)
+
+    def gauge_max(self, name: str) -> float | None:
+        """The largest value live children report for ``name``; None when none does."""
+        values = [g[name] for g in self.gauges.values() if name in g]
+        return max(values) if values else None
 
     def count_restart(self) -> None:
         self.restarts += 1

@@ -31,6 +31,36 @@ MAX_REPORT_BACKLOG = 1 << 20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def live_children_cpu_s() -> float:
+    """CPU of this process's live children (PyAV helpers).
+
+    ``os.times()`` counts a child only once it is reaped; long-lived helpers
+    would otherwise never show up in the CPU a child reports.
+    """
+    total = 0.0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as fh:
+                pids = fh.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError, ValueError):
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as fh:
@@ -242,6 +272,7 @@ class Child:
             "rss_bytes": rss_bytes(),
             "cpu_s": times.user + times.system,
             "children_cpu_s": times.children_user + times.children_system,
+            "helpers_cpu_s": live_children_cpu_s(),
             "concurrency": self.settings.concurrency,
             # Draining on purpose, to exit EXIT_RECYCLED: the master may start
             # the replacement now instead of after the drain.

@@ -21,7 +21,12 @@ def fetch_status(path: str, timeout: float = 5.0) -> dict[str, Any]:
                 chunks.append(chunk)
     except OSError as exc:
         raise AlertdError(f"no master answers on {path}: {exc.strerror or exc}") from None
-    doc: dict[str, Any] = orjson.loads(b"".join(chunks))
+    try:
+        doc: dict[str, Any] = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:
+        raise AlertdError(f"the master on {path} answered something that is not JSON") from None
+    if "error" in doc:
+        raise AlertdError(f"the master on {path} refused: {doc['error']}")
     return doc
 
 

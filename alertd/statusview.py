@@ -148,6 +148,8 @@ class _Collector:
             ("alertd_amqp_reconnects", "amqp_reconnects", "AMQP reconnections by children"),
             ("alertd_internal_errors", "internal_errors", "Unexpected errors while handling "
              "a message"),
+            ("alertd_downloaded_bytes", "downloaded_bytes", "Bytes of clips downloaded for "
+             "stored outcomes"),
         ):
             yield CounterMetricFamily(metric, help_text, value=agg.counters.get((counter,), 0))
 
@@ -189,7 +191,12 @@ class _Collector:
         yield rss
         yield lag
         yield CounterMetricFamily("alertd_cpu_seconds", "CPU used by children and their "
-                                  "probe processes", value=agg.cpu_s)
+                                  "probe processes (ffprobe, PyAV helpers)", value=agg.cpu_s)
+        backlog = agg.gauge_max("outbox_backlog")
+        if backlog is not None:
+            # Every child counts the same table: the max is the freshest view.
+            yield GaugeMetricFamily("alertd_webhook_outbox_backlog", "Webhook deliveries "
+                                    "pending in the outbox", value=backlog)
         yield GaugeMetricFamily("alertd_last_success_timestamp_seconds", "Unix time of the "
                                 "last alert stored as done", value=agg.last_success_ts)
 

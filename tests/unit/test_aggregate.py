@@ -135,3 +135,26 @@ def test_summary_reports_throughput_over_the_window_since_the_last_summary() -> 
     agg.add(1, beat(stats))
     assert agg.summary([], 60.0).startswith("throughput 0.10 alerts/s; ")
     assert "36 done, 0 failed, 0 restarts" in agg.status_line([])
+
+
+def test_live_helper_cpu_counts_and_a_reaped_helper_is_not_counted_twice() -> None:
+    agg = Aggregate()
+    stats = ChildStats()
+    agg.add(7, beat(stats, cpu_s=1.0, helpers_cpu_s=2.0))
+    assert agg.cpu_s == pytest.approx(3.0)
+    # The helper exits and is reaped: its 2.5 s move to children_cpu_s.
+    agg.add(7, beat(stats, cpu_s=1.5, children_cpu_s=2.5, helpers_cpu_s=0.0))
+    assert agg.cpu_s == pytest.approx(4.0)
+
+
+def test_the_backlog_gauge_is_the_largest_a_live_child_reports_and_leaves_with_it() -> None:
+    agg = Aggregate()
+    one, two = ChildStats(), ChildStats()
+    one.gauges["outbox_backlog"], two.gauges["outbox_backlog"] = 4, 9
+    agg.add(1, beat(one))
+    agg.add(2, beat(two))
+    assert agg.gauge_max("outbox_backlog") == 9
+    agg.child_gone(2)
+    assert agg.gauge_max("outbox_backlog") == 4
+    agg.child_gone(1)
+    assert agg.gauge_max("outbox_backlog") is None
