@@ -167,35 +167,38 @@ class PostgresStore:
 
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         alert = outcome.alert
-        async with self._connection() as conn, conn.transaction():
-            cur = await conn.execute(_INSERT_ALERT, {
-                "alert_id": alert.alert_id,
-                "status": str(outcome.status),
-                "metadata": _jsonb(outcome.metadata),
-                "error": _jsonb(outcome.failure.to_json() if outcome.failure else None),
-                "attempts": outcome.attempts,
-                "received_at": outcome.received_at,
-                "processed_at": outcome.processed_at,
-                "source": alert.source,
-                "occurred_at": alert.occurred_at,
-                "video_url": alert.video_url,
-                "request_sha256": alert.fingerprint,
+        params: dict[str, Any] = {
+            "alert_id": alert.alert_id,
+            "status": str(outcome.status),
+            "metadata": _jsonb(outcome.metadata),
+            "error": _jsonb(outcome.failure.to_json() if outcome.failure else None),
+            "attempts": outcome.attempts,
+            "received_at": outcome.received_at,
+            "processed_at": outcome.processed_at,
+            "source": alert.source,
+            "occurred_at": alert.occurred_at,
+            "video_url": alert.video_url,
+            "request_sha256": alert.fingerprint,
+        }
+        if event is None:
+            sql = _INSERT_ALERT
+        else:
+            event_type = event.payload.get("type")
+            params.update({
+                "webhook_id": new_webhook_id(),
+                "event_type": event_type if isinstance(event_type, str) else None,
+                "url": event.url,
+                "payload": _jsonb(event.payload),
+                "body": orjson.dumps(event.payload),
             })
-            if await cur.fetchone() is None:
-                # Already stored by an earlier delivery of this alert: the
-                # first outcome wins and its webhook was already queued.
-                return False
-            if event is not None:
-                event_type = event.payload.get("type")
-                await conn.execute(_INSERT_OUTBOX, {
-                    "webhook_id": new_webhook_id(),
-                    "alert_id": event.alert_id,
-                    "event_type": event_type if isinstance(event_type, str) else None,
-                    "url": event.url,
-                    "payload": _jsonb(event.payload),
-                    "body": orjson.dumps(event.payload),
-                })
-        return True
+            sql = _INSERT_ALERT_AND_OUTBOX
+        # One statement, so one round trip and atomic under autocommit: the
+        # outbox row exists exactly when the alert row was inserted by it.
+        async with self._connection() as conn:
+            cur = await conn.execute(sql, params)
+            # None: already stored by an earlier delivery of this alert; the
+            # first outcome wins and its webhook was already queued.
+            return await cur.fetchone() is not None
 
     async def claim_due(self, limit: int, lease_s: float) -> list[PendingDelivery]:
         if limit < 1:
@@ -302,9 +305,20 @@ _INSERT_ALERT: LiteralString = """
     RETURNING alert_id
 """
 
-_INSERT_OUTBOX: LiteralString = """
+_INSERT_ALERT_AND_OUTBOX: LiteralString = """
+    WITH stored AS (
+        INSERT INTO alerts (alert_id, status, metadata, error, attempts, received_at,
+                            processed_at, source, occurred_at, video_url, request_sha256)
+        VALUES (%(alert_id)s, %(status)s, %(metadata)s, %(error)s, %(attempts)s,
+                %(received_at)s, %(processed_at)s, %(source)s, %(occurred_at)s, %(video_url)s,
+                %(request_sha256)s)
+        ON CONFLICT (alert_id) DO NOTHING
+        RETURNING alert_id
+    )
     INSERT INTO webhook_outbox (webhook_id, alert_id, event_type, url, payload, body)
-    VALUES (%(webhook_id)s, %(alert_id)s, %(event_type)s, %(url)s, %(payload)s, %(body)s)
+    SELECT %(webhook_id)s, alert_id, %(event_type)s, %(url)s, %(payload)s, %(body)s
+    FROM stored
+    RETURNING alert_id
 """
 
 # SKIP LOCKED lets dispatchers in several processes claim disjoint rows without
