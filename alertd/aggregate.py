@@ -25,6 +25,7 @@ class Aggregate:
         self.hist_sums: dict[str, float] = {}
         self.restarts = 0
         self.hung = 0
+        self.scaling: Counter[str] = Counter()  # autoscale decisions: "up", "down"
         self.cpu_s = 0.0
         self.last_success_ts = 0.0
         self._last: dict[int, dict[str, Any]] = {}
@@ -78,6 +79,9 @@ class Aggregate:
 
     def count_hung(self) -> None:
         self.hung += 1
+
+    def count_scaling(self, direction: str) -> None:
+        self.scaling[direction] += 1
 
     def processed(self) -> tuple[int, int]:
         done = sum(v for k, v in self.counters.items() if k[:2] == ("alerts", "done"))

@@ -23,7 +23,8 @@ Signals (to the master):
              stops fast
   QUIT       fast: children exit now; unacked alerts are redelivered
   HUP        reload the config file; replace children one by one
-  TTIN/TTOU  one child more / fewer (the removed one drains first)
+  TTIN/TTOU  one child more / fewer (the removed one drains first;
+             within MIN..MAX with --autoscale)
   USR1       reopen logs
 \b
 Exit codes: 0 stopped cleanly, 1 crashed, 2 bad usage,
@@ -89,6 +90,13 @@ DAEMON_OPTIONS: list[Decorator] = [
          help="Children forked by the master."),
     _opt("concurrency", type=click.IntRange(1, 65535), default=_D.concurrency,
          help="CONCURRENT_TASKS: slots per child, also its AMQP prefetch."),
+    _opt("autoscale", metavar="MIN,MAX", default=None,
+         help="Size the fleet from the queue: grow to MAX children while the backlog "
+              "outruns the free slots, shrink (gracefully) to MIN when idle. --workers "
+              "is then the starting count, clamped into MIN..MAX."),
+    _opt("autoscale-interval", type=click.FloatRange(0.1), default=_D.autoscale_interval,
+         help="Seconds between queue samples with --autoscale; the grow, idle and "
+              "cooldown windows are counted in samples, so they scale with it."),
     _opt("amqp-url", default=_D.amqp_url, help="Broker URL; the vhost is the URL's path."),
     _opt("queue", default=_D.queue, help="Queue to consume; DLQ is <queue>.dlq."),
     _opt("queue-type", type=click.Choice(["quorum", "classic"]), default=_D.queue_type,

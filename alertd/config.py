@@ -27,6 +27,9 @@ class Settings:
 
     workers: int = 1
     concurrency: int = 8
+    # (MIN, MAX) children when the master sizes the fleet from the queue; None = off.
+    autoscale: tuple[int, int] | None = None
+    autoscale_interval: float = 5.0
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     queue: str = "alerts"
     queue_type: str = "quorum"
@@ -72,6 +75,8 @@ class Settings:
                 value = mask_url(value)
             elif f.name == "allow_networks":
                 value = [str(n) for n in value]
+            elif f.name == "autoscale" and value is not None:
+                value = f"{value[0]},{value[1]}"
             shown[f.name] = value
         return shown
 
@@ -89,8 +94,13 @@ def validate(settings: Settings) -> Settings:
     _at_least("db_pool_size", s.db_pool_size, 1)
     _at_least("probe_helpers", s.probe_helpers, 1)
     _at_most("probe_helpers", s.probe_helpers, 64)
+    if s.autoscale is not None:
+        low, high = s.autoscale
+        if not 1 <= low <= high:
+            raise ConfigError(f"autoscale: must be MIN,MAX with 1 <= MIN <= MAX, "
+                              f"got {low},{high}")
     for key in ("download_timeout", "connect_timeout", "probe_timeout", "webhook_timeout",
-                "heartbeat_timeout", "retry_delay"):
+                "heartbeat_timeout", "retry_delay", "autoscale_interval"):
         if not getattr(s, key) > 0:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(s, key)}")
     if s.graceful_timeout < 0:
@@ -124,6 +134,19 @@ def parse_networks(values: Any) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise ConfigError(f"allow_network: {value!r} is not a CIDR network") from None
     return tuple(nets)
+
+
+def parse_autoscale(value: Any) -> tuple[int, int] | None:
+    """``"MIN,MAX"`` (flag, env or file) as a pair of ints; empty or None means off."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    low, sep, high = str(value).partition(",")
+    try:
+        if not sep:
+            raise ValueError
+        return int(low), int(high)
+    except ValueError:
+        raise ConfigError(f"autoscale: must be MIN,MAX (e.g. 1,4), got {value!r}") from None
 
 
 def parse_webhook_secrets(value: str | None) -> tuple[bytes, ...]:
@@ -169,7 +192,13 @@ def from_options(options: Mapping[str, Any], *, webhook_secret: str | None) -> S
     if "allow_networks" in options:
         values["allow_networks"] = parse_networks(options["allow_networks"])
     values["webhook_secrets"] = parse_webhook_secrets(webhook_secret)
-    return validate(replace(Settings(), **values))
+    values["autoscale"] = parse_autoscale(options.get("autoscale"))
+    settings = validate(replace(Settings(), **values))
+    if settings.autoscale is not None:
+        # --workers is where an autoscaled fleet starts, inside its bounds.
+        low, high = settings.autoscale
+        settings = replace(settings, workers=min(high, max(low, settings.workers)))
+    return settings
 
 
 def mask_url(url: str) -> str:

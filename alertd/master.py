@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from alertd import sdnotify
 from alertd.aggregate import Aggregate
+from alertd.autoscale import Autoscaler, fleet_load
 from alertd.config import Settings
 from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED
 from alertd.handle import MASTER_SIGNALS, ChildHandle, reopen_log_files
@@ -66,6 +67,8 @@ class Arbiter:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         self.views: MasterViews | None = None
+        self.autoscaler = Autoscaler(settings, self._selector) if settings.autoscale else None
+        self._pidfile: str | None = None  # the one written at start, whatever HUP says
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -90,16 +93,21 @@ class Arbiter:
         self.views = MasterViews(self, self._selector, self.settings, self._control_path)
         if self.settings.pidfile:
             _write_pidfile(self.settings.pidfile)
-        log.info("master pid %d starting %d children x %d slots", os.getpid(),
-                 self.num_workers, self.settings.concurrency)
+            self._pidfile = self.settings.pidfile
+        log.info("master pid %d starting %d children x %d slots%s", os.getpid(),
+                 self.num_workers, self.settings.concurrency,
+                 f", autoscaling {self.autoscaler.low}..{self.autoscaler.high}"
+                 if self.autoscaler else "")
 
     def _teardown(self) -> None:
         sdnotify.notify("STOPPING=1")
         if self.views is not None:
             self.views.close()
-        if self.settings.pidfile:
+        if self.autoscaler is not None:
+            self.autoscaler.close()
+        if self._pidfile:
             with contextlib.suppress(OSError):
-                os.unlink(self.settings.pidfile)
+                os.unlink(self._pidfile)
 
     def _tick(self) -> None:
         # Signals still queued are handled one per tick, without waiting a tick.
@@ -113,6 +121,7 @@ class Arbiter:
             self._enforce_stop_deadline()
         else:
             self.manage_children()
+            self.autoscale()
         self._notify_systemd()
         if self.views is not None:
             self.views.expire()
@@ -168,8 +177,13 @@ class Arbiter:
             except Exception as exc:
                 log.error("reload refused, keeping the running config: %s", exc)
                 return
+            previous = self.num_workers
             self.settings = new
             self.num_workers = new.workers
+            self._reconfigure_autoscale(new, previous)
+            if new.pidfile != self._pidfile:
+                log.warning("pidfile: a change takes effect at the next start; %s stays",
+                            self._pidfile)
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self._ready_sent = False
         self.generation += 1
@@ -178,13 +192,13 @@ class Arbiter:
     def handle_ttin(self) -> None:
         if self.stopping:
             return
-        self.num_workers += 1
+        self.num_workers = self._bounded(self.num_workers + 1)
         log.info("TTIN: %d children", self.num_workers)
 
     def handle_ttou(self) -> None:
         if self.stopping:
             return
-        self.num_workers = max(1, self.num_workers - 1)
+        self.num_workers = self._bounded(self.num_workers - 1)
         log.info("TTOU: %d children", self.num_workers)
 
     def handle_usr1(self) -> None:
@@ -206,6 +220,8 @@ class Arbiter:
                 return
             child = self.children.pop(pid, None)
             if child is None:
+                if self.autoscaler is not None:
+                    self.autoscaler.reaped(pid)
                 continue
             # Its last heartbeats may still be in the pipe: they carry the
             # final counters (totals) and what was in flight when it died.
@@ -308,23 +324,67 @@ class Arbiter:
             return None
 
     def spawn(self, index: int) -> ChildHandle:
-        inherited = [self._wake_r, self._wake_w, self._selector.fileno()]
-        inherited += [c.read_fd for c in self.children.values()]
-        if self.views is not None:
-            inherited += self.views.fds()
         child = ChildHandle.spawn(self.settings, index, self.generation,
-                                  close_in_child=inherited)
+                                  close_in_child=self._master_fds())
         self.children[child.pid] = child
         self._selector.register(child.read_fd, selectors.EVENT_READ,
                                 lambda mask, c=child: self._read_child(c))
         log.info("spawned child %d pid %d (generation %d)", index, child.pid, self.generation)
         return child
 
+    def _master_fds(self) -> list[int]:
+        """What a forked process (child or queue probe) must close: the master's own fds."""
+        fds = [self._wake_r, self._wake_w, self._selector.fileno()]
+        # Open ones only: a closed fd's number may be the new child's own pipe end.
+        fds += [c.read_fd for c in self.children.values() if not c.eof]
+        if self.views is not None:
+            fds += self.views.fds()
+        if self.autoscaler is not None:
+            fds += self.autoscaler.fds()
+        return fds
+
     def retire(self, child: ChildHandle) -> None:
         if not child.retiring:
             log.info("retiring child %d pid %d (graceful)", child.index, child.pid)
             child.retiring = True
             child.signal(signal.SIGTERM)
+
+    # -- autoscaling -------------------------------------------------------------
+
+    def autoscale(self) -> None:
+        if self.autoscaler is None:
+            return
+        decision = self.autoscaler.poll(time.monotonic(), self.num_workers,
+                                        self._settled_load(), self._master_fds)
+        if decision is not None:
+            log.info("autoscale %s: %d -> %d children (%s)", decision.direction,
+                     decision.current, decision.target, decision.reason)
+            self.aggregate.count_scaling(decision.direction)
+            self.num_workers = decision.target
+
+    def _settled_load(self) -> tuple[int, int] | None:
+        """Busy and total slots; None while the fleet changes (boot, crash, HUP rollover)."""
+        active = [c for c in self.children.values() if not c.retiring]
+        if self._replacing or len(active) != self.num_workers or any(
+                c.state != "consuming" or c.generation < self.generation for c in active):
+            return None
+        return fleet_load(active, self.settings.concurrency)
+
+    def _reconfigure_autoscale(self, new: Settings, previous: int) -> None:
+        """HUP: an autoscaled fleet keeps its size (``previous``), clamped into new bounds."""
+        if new.autoscale is None:
+            if self.autoscaler is not None:
+                self.autoscaler.close()
+                self.autoscaler = None
+            return
+        if self.autoscaler is None:
+            self.autoscaler = Autoscaler(new, self._selector)
+        else:
+            self.autoscaler.configure(new)
+        self.num_workers = self.autoscaler.clamp(previous)
+
+    def _bounded(self, count: int) -> int:
+        return self.autoscaler.clamp(count) if self.autoscaler is not None else max(1, count)
 
     def _read_child(self, child: ChildHandle) -> None:
         for beat in child.read_heartbeats():

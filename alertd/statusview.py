@@ -103,6 +103,24 @@ def status_document(arbiter: Arbiter) -> dict[str, Any]:
         "stopping": arbiter.stopping, "restarts": arbiter.aggregate.restarts,
         "hung": arbiter.aggregate.hung, "generation": arbiter.generation,
         "processed": done + failed, "failed": failed, "children": children,
+        "autoscale": autoscale_document(arbiter, now),
+    }
+
+
+def autoscale_document(arbiter: Arbiter, now: float) -> dict[str, Any] | None:
+    """Bounds, target, the last queue sample and the decisions; None when off."""
+    scaler = arbiter.autoscaler
+    if scaler is None:
+        return None
+    scaling = arbiter.aggregate.scaling
+    return {
+        "min": scaler.low, "max": scaler.high, "target": arbiter.num_workers,
+        "interval_s": scaler.settings.autoscale_interval,
+        "queue_ready": scaler.ready,
+        "sample_age_s": None if scaler.sampled_at is None else round(now - scaler.sampled_at, 1),
+        "sample_failures": scaler.failures, "last_error": scaler.last_error,
+        "decisions": {"up": scaling["up"], "down": scaling["down"]},
+        "last_decision": scaler.last_decision,
     }
 
 
@@ -199,6 +217,31 @@ class _Collector:
                                     "pending in the outbox", value=backlog)
         yield GaugeMetricFamily("alertd_last_success_timestamp_seconds", "Unix time of the "
                                 "last alert stored as done", value=agg.last_success_ts)
+        yield from _autoscale_metrics(arbiter)
+
+
+def _autoscale_metrics(arbiter: Arbiter) -> Iterator[Metric]:
+    scaler = arbiter.autoscaler
+    if scaler is None:
+        return
+    yield GaugeMetricFamily("alertd_autoscale_target_children", "Children the autoscaler "
+                            "wants now (within --autoscale MIN,MAX)", value=arbiter.num_workers)
+    bounds = GaugeMetricFamily("alertd_autoscale_bound_children", "The --autoscale bounds",
+                               labels=["bound"])
+    bounds.add_metric(["min"], scaler.low)
+    bounds.add_metric(["max"], scaler.high)
+    yield bounds
+    decisions = CounterMetricFamily("alertd_autoscale_decisions", "Children added (up) or "
+                                    "retired (down) by the autoscaler", labels=["direction"])
+    for direction in ("up", "down"):
+        decisions.add_metric([direction], arbiter.aggregate.scaling[direction])
+    yield decisions
+    yield CounterMetricFamily("alertd_autoscale_sample_failures", "Queue samples that "
+                              "failed (broker down, probe killed): no decision",
+                              value=scaler.failures)
+    if scaler.ready is not None:
+        yield GaugeMetricFamily("alertd_queue_ready_messages", "Messages ready in the main "
+                                "queue at the last autoscale sample", value=scaler.ready)
 
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:
