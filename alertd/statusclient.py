@@ -39,6 +39,11 @@ def render_status(doc: dict[str, Any]) -> str:
         f"{'CHILD':>5} {'PID':>7} {'STATE':<10} {'AGE':>7} {'RSS MB':>7} {'LAG ms':>7} "
         f"{'PROCESSED':>9} {'FAILED':>6}",
     ]
+    scaling = doc.get("autoscale")
+    if scaling:
+        lines.insert(1, f"autoscale {scaling['min']}..{scaling['max']}: target "
+                        f"{scaling['target']}, queue ready {scaling['queue_ready']}, decisions "
+                        f"up {scaling['decisions']['up']} / down {scaling['decisions']['down']}")
     for c in doc["children"]:
         lines.append(
             f"{c['index']:>5} {c['pid']:>7} {c['state'] + ('*' if c['retiring'] else ''):<10} "
