@@ -37,9 +37,12 @@ async def test_pyav_opens_a_pool_of_probe_helpers_closed_with_the_stack(
     assert all(is_reaped(pid) for pid in pids)
 
 
-async def test_ffprobe_stays_the_default_prober() -> None:
+async def test_pyav_is_the_default_prober_and_ffprobe_is_one_setting_away() -> None:
+    # The default since equivalence and isolation were shown (issue 8).
     async with contextlib.AsyncExitStack() as closers:
-        assert isinstance(await bootstrap.open_prober(Settings(), closers), FfprobeProber)
+        assert isinstance(await bootstrap.open_prober(Settings(), closers), PyAVProber)
+        chosen = await bootstrap.open_prober(Settings(prober="ffprobe"), closers)
+        assert isinstance(chosen, FfprobeProber)
 
 
 @pytest.mark.parametrize("helpers", [0, 65])
