@@ -27,6 +27,32 @@ MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD)
 
 
+def fork_with_pipe() -> tuple[int, int, int, set[int | signal.Signals]]:
+    """fork() with the master's signals blocked across it, and a pipe to report on.
+
+    Returns ``(pid, read_fd, write_fd, mask)``. In the parent (pid > 0) the
+    mask is already restored, the write end closed and the read end
+    non-blocking. In the forked process (pid == 0) the master's signals are
+    still blocked, so a signal cannot run the master's handler there before
+    it installs its own; it must restore ``mask`` itself, then never return.
+    """
+    read_fd, write_fd = os.pipe()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if pid == 0:  # pragma: no cover - the forked process
+        return pid, read_fd, write_fd, mask
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(write_fd)
+    os.set_blocking(read_fd, False)
+    return pid, read_fd, write_fd, mask
+
+
 class ChildHandle:
     def __init__(self, pid: int, index: int, generation: int, read_fd: int) -> None:
         self.pid = pid
@@ -48,22 +74,11 @@ class ChildHandle:
     def spawn(cls, settings: Settings, index: int, generation: int,
               *, close_in_child: list[int]) -> ChildHandle:
         """Fork a child; the child builds its own world and never returns from here."""
-        read_fd, write_fd = os.pipe()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
+        pid, read_fd, write_fd, mask = fork_with_pipe()
         if pid == 0:  # pragma: no cover - runs in the child
             os.close(read_fd)
             _become_child(settings, index, generation, write_fd,
                           close_in_child=close_in_child, mask=mask)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
         return cls(pid, index, generation, read_fd)
 
     def signal(self, signum: int) -> None:

@@ -24,7 +24,7 @@ import pika
 import pika.exceptions
 
 from alertd.config import Settings
-from alertd.handle import MASTER_SIGNALS
+from alertd.handle import MASTER_SIGNALS, fork_with_pipe
 
 # pika's own limits keep a probe's answer well inside the master's deadline.
 SOCKET_TIMEOUT_S = 2.0
@@ -50,21 +50,10 @@ class DepthProbe:
     @classmethod
     def spawn(cls, settings: Settings, *, close_in_child: list[int]) -> DepthProbe:
         """Fork the probe. ``close_in_child``: the master's fds it must not hold on to."""
-        read_fd, write_fd = os.pipe()
         # As for children: the master's handlers must not run in the probe.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
+        pid, read_fd, write_fd, mask = fork_with_pipe()
         if pid == 0:  # pragma: no cover - runs in the probe
             _become_probe(settings, write_fd, [read_fd, *close_in_child], mask)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
         return cls(pid, read_fd, time.monotonic())
 
     def read(self) -> None:
