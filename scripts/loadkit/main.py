@@ -133,18 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_term)
     sys.setswitchinterval(0.001)  # the sink's receive times should not wait on the publisher
     profile = build_profile(args)
-    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
-    concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    workers, concurrency = _matrix(args)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(tempfile.gettempdir()) / "alertd-loadtest" / f"{args.profile}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     session = uuid.uuid4().hex[:6]
     workdir = Path(tempfile.mkdtemp(prefix="alertd-lt-"))
-    clips = make_clips(args.clips_dir, profile.clips)
+    make_clips(args.clips_dir, profile.clips)  # before the first run, so errors come early
     meta = _meta(args, profile)  # the commit as it is when the runs start
     print(f"alertd load test, profile {profile.name}: {profile.describe()}\n"
           f"matrix workers {workers} x concurrency {concurrency}, {args.alerts} alerts per "
           f"run, prober {args.prober}; results in {out}", flush=True)
+    try:
+        return _run_all(args, profile, out=out, session=session, workdir=workdir, meta=meta)
+    finally:
+        if workdir.exists() and not any(workdir.iterdir()):
+            workdir.rmdir()  # interrupted before any log was written
+
+
+def _run_all(args: argparse.Namespace, profile: Profile, *, out: Path, session: str,
+             workdir: Path, meta: dict[str, Any]) -> int:
+    workers, concurrency = _matrix(args)
+    clips = make_clips(args.clips_dir, profile.clips)
     runs: list[RunResult] = []
     raw: RawResult | None = None
     with ServerThread(LoadClipServer(clips, profile), LoadSink(profile)) as servers:
@@ -183,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"alertd logs kept in {workdir}", flush=True)
     return 0 if ok else 1
+
+
+def _matrix(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    return workers, concurrency
 
 
 def _raw(args: argparse.Namespace, session: str, servers: ServerThread,
