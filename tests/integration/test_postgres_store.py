@@ -513,6 +513,24 @@ async def test_terminated_idle_backends_are_replaced_before_the_next_call(
     assert await store.recorded_fingerprint(outcome.alert.alert_id) == outcome.alert.fingerprint
 
 
+async def test_a_healthy_connection_is_checked_out_without_a_round_trip(fresh_db: str) -> None:
+    app = f"alertd-test-quiet-{uuid.uuid4().hex[:8]}"
+    pool = await open_pool(fresh_db, 1, application_name=app)
+    try:
+        await pool.wait()
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 'marker'")
+        for _ in range(3):
+            async with pool.connection():
+                pass
+        # pg_stat_activity shows a backend's last statement: still ours, so
+        # the three checkouts sent nothing (a checking query would show).
+        assert await fetch(fresh_db, "SELECT query FROM pg_stat_activity "
+                           "WHERE application_name = %s", (app,)) == [("SELECT 'marker'",)]
+    finally:
+        await pool.close()
+
+
 async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and_commits_nothing(
     store: PostgresStore, fresh_db: str,
 ) -> None:
