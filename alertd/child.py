@@ -193,9 +193,9 @@ class Child:
                 log.warning("graceful timeout: %d in-flight alerts requeued", requeued)
         if dispatcher is not None:
             # A delivery cut short here is only retried once its claim's lease
-            # runs out (a minute by default), so on a graceful stop the batch
-            # in progress may finish and record its attempts first, within
-            # what is left of the graceful timeout.
+            # runs out (a minute by default), so on a graceful stop the
+            # deliveries in flight may finish and record their attempts first,
+            # within what is left of the graceful timeout.
             dispatcher.stop()
             outbox = [t for t in self._tasks if t.get_name() == "outbox"]
             budget = min(self.settings.webhook_timeout + 1, deadline - loop.time())

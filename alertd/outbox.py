@@ -9,7 +9,13 @@ import logging
 import random
 
 from alertd.errors import StoreUnavailable
-from alertd.ports import DeliveryResult, PendingDelivery, WebhookOutbox, WebhookSender
+from alertd.ports import (
+    AttemptRecord,
+    DeliveryResult,
+    PendingDelivery,
+    WebhookOutbox,
+    WebhookSender,
+)
 from alertd.stats import ChildStats
 
 log = logging.getLogger(__name__)
@@ -17,6 +23,7 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 3600.0
 POLL_INTERVAL_S = 1.0
+CLAIM_LINGER_S = 0.005
 BACKLOG_EVERY_S = 5.0
 
 
@@ -30,23 +37,32 @@ def next_attempt_delay(attempts_made: int, result: DeliveryResult) -> float:
 
 
 class OutboxDispatcher:
-    """Claims due outbox rows and delivers them, ``batch`` at a time, until stopped.
+    """Keeps up to ``concurrency`` deliveries in flight until stopped.
 
     Every child runs one; rows are claimed with a lease (SKIP LOCKED), so the
     dispatchers of all children share the work and a dead one only delays its
-    rows until the lease expires.
+    rows until the lease expires. A slot that frees up is refilled at once
+    (a slow receiver holds one slot, not a batch), and finished attempts are
+    written together: whatever finished while the last write was in flight
+    goes in the next one.
     """
 
     def __init__(self, outbox: WebhookOutbox, sender: WebhookSender, stats: ChildStats,
-                 *, max_attempts: int, lease_s: float, batch: int = 16) -> None:
+                 *, max_attempts: int, lease_s: float, concurrency: int = 16) -> None:
         self._outbox = outbox
         self._sender = sender
         self._stats = stats
         self._max_attempts = max_attempts
         self._lease_s = lease_s
-        self._batch = batch
+        self._limit = concurrency
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        # True while the last claim filled every free slot: more may be due.
+        self._backlogged = False
+        self._finished: list[AttemptRecord] = []
+        self._to_record = asyncio.Event()
+        self._closing = False
 
     def wake(self) -> None:
         """A new row was committed: look now instead of at the next poll."""
@@ -57,6 +73,24 @@ class OutboxDispatcher:
         self._wake.set()
 
     async def run(self) -> None:
+        """Deliver until stopped, then let the deliveries in flight finish and record them.
+
+        Cancelled, deliveries in flight are cut short and unrecorded ones are
+        dropped: their leases run out and they are sent again, same webhook-id.
+        """
+        recorder = asyncio.create_task(self._record_finished(), name="outbox-recorder")
+        try:
+            await self._claim_and_start()
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
+            self._closing = True
+            self._to_record.set()
+            await recorder
+        finally:
+            for task in (*self._in_flight, recorder):
+                task.cancel()
+
+    async def _claim_and_start(self) -> None:
         unavailable_delay = POLL_INTERVAL_S
         backlog_due = 0.0
         loop = asyncio.get_running_loop()
@@ -66,8 +100,12 @@ class OutboxDispatcher:
                 backlog_due = loop.time() + BACKLOG_EVERY_S
                 with contextlib.suppress(StoreUnavailable):
                     self._stats.gauges["outbox_backlog"] = await self._outbox.count_pending()
+            free = self._limit - len(self._in_flight)
+            if free <= 0:
+                await self._pause(POLL_INTERVAL_S)
+                continue
             try:
-                claimed = await self._outbox.claim_due(self._batch, self._lease_s)
+                claimed = await self._outbox.claim_due(free, self._lease_s)
                 unavailable_delay = POLL_INTERVAL_S
             except StoreUnavailable as exc:
                 log.warning("outbox: store unavailable (%s); retrying in %.0fs",
@@ -75,17 +113,34 @@ class OutboxDispatcher:
                 await self._pause(unavailable_delay)
                 unavailable_delay = min(unavailable_delay * 2, 30.0)
                 continue
-            if claimed:
-                await asyncio.gather(*(self._deliver(d) for d in claimed))
-            if len(claimed) < self._batch:
+            for delivery in claimed:
+                task = asyncio.create_task(self._deliver(delivery))
+                self._in_flight.add(task)
+                task.add_done_callback(self._delivery_done)
+            self._backlogged = len(claimed) == free
+            if not self._backlogged:
                 await self._pause(POLL_INTERVAL_S)
+                # Commits come in bursts under load: a moment's wait lets
+                # one claim take the rows of several.
+                await asyncio.sleep(CLAIM_LINGER_S)
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._backlogged:
+            self._wake.set()
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _deliver(self, delivery: PendingDelivery) -> None:
-        result = await self._sender.deliver(delivery)
+        try:
+            result = await self._sender.deliver(delivery)
+        except Exception:
+            # A bug, not an HTTP outcome: the row is tried again when its lease runs out.
+            log.exception("webhook %s for alert %s: the sender failed", delivery.webhook_id,
+                          delivery.alert_id)
+            return
         attempts_made = delivery.attempts + 1
         self._stats.observe("notify", result.duration_s)
         next_at = None
@@ -104,9 +159,21 @@ class OutboxDispatcher:
             log.warning("webhook %s for alert %s attempt %d: %s (%s)", delivery.webhook_id,
                         delivery.alert_id, attempts_made,
                         result.error or f"HTTP {result.status_code}", outcome)
-        try:
-            await self._outbox.record_attempt(delivery, result, next_attempt_at=next_at)
-        except StoreUnavailable as exc:
-            # The lease runs out and the row is tried again; the receiver
-            # deduplicates by webhook-id, so a repeat is harmless.
-            log.warning("outbox: could not record attempt for %s: %s", delivery.webhook_id, exc)
+        self._finished.append(AttemptRecord(delivery, result, next_at))
+        self._to_record.set()
+
+    async def _record_finished(self) -> None:
+        while True:
+            await self._to_record.wait()
+            self._to_record.clear()
+            if self._finished:
+                batch, self._finished = self._finished, []
+                try:
+                    await self._outbox.record_attempts(batch)
+                except StoreUnavailable as exc:
+                    # The leases run out and the rows are tried again; the
+                    # receiver deduplicates by webhook-id, so a repeat is harmless.
+                    log.warning("outbox: could not record %d attempts (%s): %s", len(batch),
+                                ", ".join(r.delivery.webhook_id for r in batch), exc)
+            if self._closing and not self._finished:
+                return

@@ -93,6 +93,15 @@ class DeliveryResult:
     duration_s: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One finished delivery attempt, to be written to the outbox."""
+
+    delivery: PendingDelivery
+    result: DeliveryResult
+    next_attempt_at: dt.datetime | None
+
+
 class WebhookOutbox(Protocol):
     async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
         """Claim up to ``limit`` deliveries that are due, for ``lease_s`` seconds.
@@ -103,17 +112,14 @@ class WebhookOutbox(Protocol):
         """
         ...
 
-    async def record_attempt(
-        self, delivery: PendingDelivery, result: DeliveryResult,
-        *, next_attempt_at: dt.datetime | None,
-    ) -> None:
-        """Record one attempt. ``ok`` or ``gone`` or no ``next_attempt_at`` ends the row.
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        """Record finished attempts, all or none. ``ok`` or ``gone`` or no
+        ``next_attempt_at`` ends a row; otherwise it is due again then.
 
-        Raises ``StoreUnavailable``; the lease then expires and the row is
+        Raises ``StoreUnavailable``; the leases then expire and the rows are
         tried again (the receiver deduplicates by ``webhook-id``).
         """
         ...
-
 
     async def count_pending(self) -> int:
         """How many deliveries are still pending (for the backlog metric)."""

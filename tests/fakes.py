@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent
 from alertd.errors import ProcessingError, StoreUnavailable
-from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 
 VIDEO_METADATA: JSON = {
     "duration_s": 2.0,
@@ -98,6 +98,7 @@ class InMemoryOutbox:
         default_factory=list)
     due_at: dict[int, dt.datetime] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
+    writes: list[int] = field(default_factory=list)  # attempts per record_attempts call
 
     async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
         now = dt.datetime.now(dt.UTC)
@@ -111,9 +112,14 @@ class InMemoryOutbox:
     async def count_pending(self) -> int:
         return len([d for d in self.pending if d.delivery_id not in self.finished])
 
-    async def record_attempt(
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        self.writes.append(len(attempts))
+        for record in attempts:
+            self._record(record.delivery, record.result, record.next_attempt_at)
+
+    def _record(
         self, delivery: PendingDelivery, result: DeliveryResult,
-        *, next_attempt_at: dt.datetime | None,
+        next_attempt_at: dt.datetime | None,
     ) -> None:
         self.attempts.append((delivery, result, next_attempt_at))
         index = self.pending.index(next(p for p in self.pending

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import select
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, LiteralString, TypeAlias
@@ -27,7 +27,7 @@ from alertd.adapters.schema import (
 )
 from alertd.domain import Outcome, WebhookEvent
 from alertd.errors import StoreUnavailable
-from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from alertd.signing import new_webhook_id
 
 __all__ = [
@@ -243,28 +243,16 @@ class PostgresStore:
         self, delivery: PendingDelivery, result: DeliveryResult,
         *, next_attempt_at: dt.datetime | None,
     ) -> None:
-        status = _status_after(result, next_attempt_at)
-        async with self._connection() as conn, conn.transaction():
-            cur = await conn.execute(_UPDATE_OUTBOX, {
-                "id": delivery.delivery_id,
-                "status": status,
-                "next_attempt_at": next_attempt_at if status == "pending" else None,
-                "error": result.error,
-                "status_code": result.status_code,
-                "delivered": status == "delivered",
-            })
-            row = await cur.fetchone()
-            # No row: the lease ran out and another dispatcher already ended
-            # it; the attempt still happened, so it is logged, and the row's
-            # final status is not overwritten.
-            attempt = int(row[0]) if row else delivery.attempts + 1
-            await conn.execute(_INSERT_ATTEMPT, {
-                "outbox_id": delivery.delivery_id,
-                "attempt": attempt,
-                "status_code": result.status_code,
-                "error": result.error,
-                "duration_ms": round(result.duration_s * 1000),
-            })
+        await self.record_attempts([AttemptRecord(delivery, result, next_attempt_at)])
+
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        # One statement per batch: atomic under autocommit, one round trip.
+        # A row claimed twice (never in one dispatcher's batch) would update
+        # once and get two attempts numbered alike, so such batches are split.
+        for group in _distinct_rows(attempts):
+            columns = _attempt_columns(group)
+            async with self._connection() as conn:
+                await conn.execute(_RECORD_ATTEMPTS, columns)
 
     async def list_undelivered(self, limit: int = 100) -> list[UndeliveredWebhook]:
         """Pending, failed and gone rows, oldest first."""
@@ -302,6 +290,35 @@ class PostgresStore:
         async with self._connection() as conn:
             cur = await conn.execute(_RETRY_NOW + " AND status IN ('pending', 'failed')")
             return cur.rowcount
+
+
+def _distinct_rows(attempts: Sequence[AttemptRecord]) -> list[list[AttemptRecord]]:
+    groups: list[list[AttemptRecord]] = []
+    for record in attempts:
+        for group in groups:
+            if all(r.delivery.delivery_id != record.delivery.delivery_id for r in group):
+                group.append(record)
+                break
+        else:
+            groups.append([record])
+    return groups
+
+
+def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {
+        "ids": [], "statuses": [], "next_at": [], "errors": [], "codes": [],
+        "durations": [], "fallbacks": []}
+    for record in attempts:
+        status = _status_after(record.result, record.next_attempt_at)
+        columns["ids"].append(record.delivery.delivery_id)
+        columns["statuses"].append(status)
+        columns["next_at"].append(record.next_attempt_at if status == "pending" else None)
+        columns["errors"].append(record.result.error)
+        columns["codes"].append(record.result.status_code)
+        columns["durations"].append(round(record.result.duration_s * 1000))
+        # The attempt's number when its row was already ended by someone else.
+        columns["fallbacks"].append(record.delivery.attempts + 1)
+    return columns
 
 
 def _status_after(result: DeliveryResult, next_attempt_at: dt.datetime | None) -> str:
@@ -365,21 +382,31 @@ _CLAIM_DUE: LiteralString = """
     RETURNING o.id, o.webhook_id, o.alert_id, o.url, o.body, o.attempts
 """
 
-_UPDATE_OUTBOX: LiteralString = """
-    UPDATE webhook_outbox
-    SET status = %(status)s,
-        attempts = attempts + 1,
-        next_attempt_at = coalesce(%(next_attempt_at)s, next_attempt_at),
-        last_error = %(error)s,
-        last_status_code = %(status_code)s,
-        delivered_at = CASE WHEN %(delivered)s THEN now() END
-    WHERE id = %(id)s AND status = 'pending'
-    RETURNING attempts
-"""
-
-_INSERT_ATTEMPT: LiteralString = """
+# Each attempt updates its row and is logged in webhook_attempts, in one
+# statement. A row no longer pending (its lease ran out and another
+# dispatcher ended it) keeps its final status; the attempt still happened,
+# so it is logged with the number this dispatcher gave it.
+_RECORD_ATTEMPTS: LiteralString = """
+    WITH attempt AS (
+        SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[],
+                             %(next_at)s::timestamptz[], %(errors)s::text[],
+                             %(codes)s::int[], %(durations)s::int[], %(fallbacks)s::int[])
+            AS a(id, status, next_attempt_at, error, status_code, duration_ms, fallback)
+    ), updated AS (
+        UPDATE webhook_outbox AS o
+        SET status = a.status,
+            attempts = o.attempts + 1,
+            next_attempt_at = coalesce(a.next_attempt_at, o.next_attempt_at),
+            last_error = a.error,
+            last_status_code = a.status_code,
+            delivered_at = CASE WHEN a.status = 'delivered' THEN now() END
+        FROM attempt AS a
+        WHERE o.id = a.id AND o.status = 'pending'
+        RETURNING o.id, o.attempts
+    )
     INSERT INTO webhook_attempts (outbox_id, attempt, status_code, error, duration_ms)
-    VALUES (%(outbox_id)s, %(attempt)s, %(status_code)s, %(error)s, %(duration_ms)s)
+    SELECT a.id, coalesce(u.attempts, a.fallback), a.status_code, a.error, a.duration_ms
+    FROM attempt AS a LEFT JOIN updated AS u ON u.id = a.id
 """
 
 _LIST_UNDELIVERED: LiteralString = """

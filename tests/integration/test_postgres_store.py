@@ -27,7 +27,7 @@ from alertd.adapters.postgres import (
 from alertd.adapters.schema import MIGRATIONS
 from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event
 from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
-from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from tests.fakes import VIDEO_METADATA
 
 pytestmark = pytest.mark.integration
@@ -375,6 +375,41 @@ async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it
     assert await fetch(fresh_db, OUTBOX_STATE, (stale.delivery_id,)) == [
         ("delivered", 1, None, 200, True)]
     assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
+
+
+async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 4)
+    ok, retry, gone, late = await store.claim_due(10, lease_s=60)
+    await store.record_attempt(late, DeliveryResult(ok=True, status_code=200),
+                               next_attempt_at=None)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    await store.record_attempts([
+        AttemptRecord(ok, DeliveryResult(ok=True, status_code=204, duration_s=0.01), None),
+        AttemptRecord(retry, DeliveryResult(ok=False, status_code=500, error="HTTP 500"), soon),
+        AttemptRecord(gone, DeliveryResult(ok=False, status_code=410, gone=True), soon),
+        AttemptRecord(late, DeliveryResult(ok=False, error="refused"), soon),
+        # The same row twice in one batch: both attempts counted and numbered.
+        AttemptRecord(retry, DeliveryResult(ok=False, status_code=502), soon),
+    ])
+    states = {d.delivery_id: (await fetch(fresh_db, OUTBOX_STATE, (d.delivery_id,)))[0]
+              for d in (ok, retry, gone, late)}
+    assert states == {
+        ok.delivery_id: ("delivered", 1, None, 204, True),
+        retry.delivery_id: ("pending", 2, None, 502, False),
+        gone.delivery_id: ("gone", 1, None, 410, False),
+        late.delivery_id: ("delivered", 1, None, 200, True),  # ended before: kept
+    }
+    numbers = {d.delivery_id: [r[0] for r in await fetch(fresh_db, ATTEMPTS, (d.delivery_id,))]
+               for d in (ok, retry, gone, late)}
+    # The late attempt keeps the number its claim gave it (its row had 0).
+    assert numbers == {ok.delivery_id: [1], retry.delivery_id: [1, 2],
+                       gone.delivery_id: [1], late.delivery_id: [1, 1]}
+
+
+async def test_an_empty_batch_of_attempts_touches_nothing(store: PostgresStore) -> None:
+    await store.record_attempts([])
 
 
 # --- operator queries ---------------------------------------------------------------------

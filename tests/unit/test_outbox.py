@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Collection, Sequence
 
+from alertd.errors import StoreUnavailable
 from alertd.outbox import BACKOFF_MAX_S, OutboxDispatcher, next_attempt_delay
-from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from alertd.stats import ChildStats
 from tests.fakes import InMemoryOutbox, RecordingSender
 
@@ -95,3 +97,88 @@ async def test_the_backlog_gauge_reports_pending_deliveries() -> None:
     stats = dispatcher._stats
     await run_until(dispatcher, seconds=0.1)
     assert stats.gauges["outbox_backlog"] == 2
+
+
+class GatedSender:
+    """Answers ok, each delivery once its webhook id's gate opens (open ones at once)."""
+
+    def __init__(self, held: Collection[str] = ()) -> None:
+        self.gates = {webhook_id: asyncio.Event() for webhook_id in held}
+        self.sent: list[str] = []
+
+    async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
+        gate = self.gates.get(delivery.webhook_id)
+        if gate is not None:
+            await gate.wait()
+        self.sent.append(delivery.webhook_id)
+        return DeliveryResult(ok=True, status_code=200)
+
+
+async def test_a_slow_receiver_holds_one_slot_while_the_others_keep_delivering() -> None:
+    outbox = InMemoryOutbox([delivery(n) for n in range(1, 8)])
+    sender = GatedSender(held={"msg_1"})
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
+                                  concurrency=2)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.3)
+    assert sorted(sender.sent) == [f"msg_{n}" for n in range(2, 8)]
+    assert 1 not in outbox.finished
+    sender.gates["msg_1"].set()
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+    assert outbox.finished == {n: "delivered" for n in range(1, 8)}
+
+
+async def test_attempts_that_finish_together_are_recorded_in_one_write() -> None:
+    outbox = InMemoryOutbox([delivery(n) for n in range(1, 11)])
+    sender = GatedSender(held={f"msg_{n}" for n in range(1, 11)})
+    dispatcher = dispatcher_for(outbox, sender)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    for gate in sender.gates.values():
+        gate.set()
+    await asyncio.sleep(0.05)
+    assert outbox.writes == [10]
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_stop_lets_deliveries_in_flight_finish_and_records_them() -> None:
+    outbox = InMemoryOutbox([delivery(1)])
+    sender = GatedSender(held={"msg_1"})
+    dispatcher = dispatcher_for(outbox, sender)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    dispatcher.stop()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    sender.gates["msg_1"].set()
+    await asyncio.wait_for(task, 5)
+    assert outbox.finished == {1: "delivered"}
+
+
+class FlakyOutbox(InMemoryOutbox):
+    """Refuses the first ``refusals`` writes of attempts, as a database that blinked."""
+
+    refusals: int = 1
+
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise StoreUnavailable("database unavailable: connection refused")
+        await super().record_attempts(attempts)
+
+
+async def test_a_refused_write_of_attempts_leaves_the_rows_to_their_lease_and_goes_on() -> None:
+    outbox = FlakyOutbox([delivery(1)])
+    sender = GatedSender()
+    dispatcher = dispatcher_for(outbox, sender)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.1)
+    assert sender.sent == ["msg_1"] and outbox.finished == {}  # sent, not recorded
+    outbox.pending.append(delivery(2))
+    dispatcher.wake()
+    await asyncio.sleep(0.1)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+    assert outbox.finished == {2: "delivered"}
