@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,24 +14,27 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import orjson
-
-from alertd import __version__
-from loadkit import plots, report
+from loadkit import plots, report, spy
 from loadkit.clips import SIZES, make_clips
+from loadkit.compare import fill_cpu_x_raw, framework_overhead, prober_comparisons
+from loadkit.matrix import PROBERS, SMOKE_NOOP, axis, plans, probers_of
+from loadkit.meta import run_meta
+from loadkit.noop import execute_noop
 from loadkit.profiles import PROFILES, Profile, with_overrides
+from loadkit.publisher import alert_bodies
 from loadkit.raw import RawResult, measure_raw
-from loadkit.recommend import recommend
+from loadkit.recommend import label, recommend
 from loadkit.results import RunResult
 from loadkit.run import RunPlan, execute
 from loadkit.servers import LoadClipServer, LoadSink, ServerThread
+from loadkit.spyrecord import RATE_HZ, SpyPlan, py_spy_binary
 from loadkit.stack import Environment
 
-ROOT = Path(__file__).resolve().parents[2]
 SMOKE = {"profile": "overhead", "workers": "1,2", "concurrency": "4", "alerts": 30,
          "warmup": 6, "duration_cap": 20.0, "wait_load": 0.0}
 DEFAULTS = {"profile": "io-bound", "workers": "1,2", "concurrency": "4,16,64", "alerts": 1000,
             "warmup": 0, "duration_cap": 60.0, "wait_load": 0.7}
+NOOP_DEFAULTS = {"profile": "overhead", "alerts": 10_000}
 LOAD_POLL_S = 30.0
 
 
@@ -46,7 +45,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(PROFILES), help="load shape (default io-bound)")
     p.add_argument("--workers", help="comma-separated child counts (default 1,2)")
     p.add_argument("--concurrency", help="comma-separated slots per child (default 4,16,64)")
-    p.add_argument("--prober", choices=["pyav", "ffprobe"], default="pyav")
+    p.add_argument("--prober", help=f"comma-separated probers ({', '.join(PROBERS)}); each is "
+                   "run on every (workers, concurrency) pair, back to back (default pyav)")
+    p.add_argument("--noop-adapters", action="store_true", help=(
+        "framework overhead: alertd with adapters that do nothing (no download, probe, "
+        "database or webhook) on a prefilled queue, like the raw consumer; overhead "
+        "profile only; --alerts is the message count (default 10000)"))
+    p.add_argument("--py-spy", type=float, metavar="SECONDS", help=(
+        "record alertd's master, children and one PyAV helper with py-spy for this long "
+        "from the start of each measured window; writes profile.md and pyspy/"))
     p.add_argument("--alerts", type=int, help="measured alerts per run (default 1000)")
     p.add_argument("--warmup", type=int,
                    help="warm-up alerts per run, not measured (default max(10, 2 x slots))")
@@ -59,10 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="results folder (default a new one under $TMPDIR)")
     p.add_argument("--smoke", action="store_true",
                    help="fast check that the tool works: overhead profile, 1,2 x 4, 30 alerts, "
-                   "raw comparison, no load wait")
+                   f"one no-op run ({SMOKE_NOOP[0]} x {SMOKE_NOOP[1]}, {SMOKE_NOOP[2]} "
+                   "messages), raw comparison, no load wait")
     p.add_argument("--compare-raw", action="store_true",
                    help="also time a bare aiormq consumer on the same number of messages")
-    p.add_argument("--raw-prefetch", type=int, help="default: the largest --concurrency")
+    p.add_argument("--raw-prefetch", type=int, help="default: each concurrency of the no-op "
+                   "runs (one raw run each), else the largest --concurrency")
     p.add_argument("--clips", help=f"clip sizes served round-robin ({', '.join(SIZES)})")
     p.add_argument("--clip-latency-ms", type=float)
     p.add_argument("--clip-jitter-ms", type=float)
@@ -82,9 +91,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clips-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "alertd-loadtest-clips")
     args = p.parse_args(argv)
+    if args.noop_adapters:
+        if args.smoke:
+            p.error("--smoke already includes a no-op run")
+        if args.prober:
+            p.error("--prober has no meaning with --noop-adapters (nothing is probed)")
+        if args.profile not in (None, "overhead"):
+            p.error("--noop-adapters measures the framework: use it with --profile overhead")
+        for key, value in NOOP_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     for key, value in (SMOKE if args.smoke else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:
+        args.probers = probers_of(args.prober or "pyav")
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.py_spy is not None and args.py_spy <= 0:
+        p.error("--py-spy takes a number of seconds > 0")
     args.compare_raw = args.compare_raw or args.smoke
     return args
 
@@ -117,74 +142,102 @@ def wait_for_quiet(threshold: float, max_wait: float) -> float:
     return time.monotonic() - started
 
 
-def describe_source() -> str:
-    """The commit, and whether alertd/ differs from it (read-only git calls)."""
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True,
-                              check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" + uncommitted changes in alertd/" if git("status", "--porcelain",
-                                                                "alertd") else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _exit_on_term)
     sys.setswitchinterval(0.001)  # the sink's receive times should not wait on the publisher
     profile = build_profile(args)
-    workers, concurrency = _matrix(args)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(tempfile.gettempdir()) / "alertd-loadtest" / f"{args.profile}-{stamp}"
+    if args.py_spy:
+        py_spy_binary()  # missing: say so now, not after the first run
     out.mkdir(parents=True, exist_ok=True)
     session = uuid.uuid4().hex[:6]
     workdir = Path(tempfile.mkdtemp(prefix="alertd-lt-"))
     make_clips(args.clips_dir, profile.clips)  # before the first run, so errors come early
-    meta = _meta(args, profile)  # the commit as it is when the runs start
+    meta = run_meta(args, profile)  # the commit as it is when the runs start
+    todo = plans(args)
     print(f"alertd load test, profile {profile.name}: {profile.describe()}\n"
-          f"matrix workers {workers} x concurrency {concurrency}, {args.alerts} alerts per "
-          f"run, prober {args.prober}; results in {out}", flush=True)
+          f"{len(todo)} runs: workers {args.workers} x concurrency {args.concurrency}, "
+          f"{args.alerts} {'messages' if args.noop_adapters else 'alerts'} per run, "
+          f"prober {meta['prober']}; results in {out}", flush=True)
     try:
-        return _run_all(args, profile, out=out, session=session, workdir=workdir, meta=meta)
+        return _run_all(args, profile, todo, out=out, session=session, workdir=workdir,
+                        meta=meta)
     finally:
         if workdir.exists() and not any(workdir.iterdir()):
             workdir.rmdir()  # interrupted before any log was written
 
 
-def _run_all(args: argparse.Namespace, profile: Profile, *, out: Path, session: str,
-             workdir: Path, meta: dict[str, Any]) -> int:
-    workers, concurrency = _matrix(args)
+def _run_all(args: argparse.Namespace, profile: Profile, todo: list[RunPlan], *, out: Path,
+             session: str, workdir: Path, meta: dict[str, Any]) -> int:
     clips = make_clips(args.clips_dir, profile.clips)
+    spying = SpyPlan(args.py_spy, out / "pyspy") if args.py_spy else None
     runs: list[RunResult] = []
-    raw: RawResult | None = None
+    raws: list[RawResult] = []
     with ServerThread(LoadClipServer(clips, profile), LoadSink(profile)) as servers:
-        for w in workers:
-            for c in concurrency:
-                slots = w * c
-                plan = RunPlan(workers=w, concurrency=c, prober=args.prober,
-                               alerts=args.alerts, warmup=args.warmup or max(10, 2 * slots),
-                               window=args.window, duration_cap_s=args.duration_cap,
-                               alertd_args=tuple(shlex.split(args.alertd_args)))
-                waited = wait_for_quiet(args.wait_load, args.wait_load_between if runs
-                                        else args.wait_load_max)
-                load_start = loadavg()
-                result = execute(plan, profile.name, servers, workdir, session)
-                result.load_start, result.load_end = load_start, loadavg()
-                result.waited_for_load_s = round(waited, 1)
-                runs.append(result)
-                print(f"  {plan.label}: {result.alerts_per_s:.1f} alerts/s, p99 "
-                      f"{result.latency_p99_ms:.0f} ms, {result.cpu_ms_per_alert:.2f} CPU "
-                      f"ms/alert, {result.status}, consistent={result.consistent} "
-                      f"(load {result.load_start} -> {result.load_end})", flush=True)
-                for problem in result.checks:
-                    print(f"    consistency: {problem}", flush=True)
+        noop = [p for p in todo if p.adapters == "noop"]
+        bodies = alert_bodies(f"{session}-m", max([p.alerts for p in noop] or [args.alerts]),
+                              video_url=servers.clip_url(profile.clips[0]),
+                              webhook_url=servers.hook_url())
+        for plan in todo:
+            waited = wait_for_quiet(args.wait_load, args.wait_load_between if runs
+                                    else args.wait_load_max)
+            load_start = loadavg()
+            if plan.adapters == "noop":
+                result = execute_noop(plan, profile.name, workdir, session,
+                                      bodies=bodies[:plan.alerts], spy=spying)
+            else:
+                result = execute(plan, profile.name, servers, workdir, session, spy=spying)
+            result.load_start, result.load_end = load_start, loadavg()
+            result.waited_for_load_s = round(waited, 1)
+            runs.append(result)
+            _print_run(plan, result)
         if args.compare_raw:
-            wait_for_quiet(args.wait_load, args.wait_load_between)
-            raw = _raw(args, session, servers, max(concurrency))
+            # The no-op runs' own bodies, at the prefetch of each of their concurrencies.
+            prefetches = ([args.raw_prefetch] if args.raw_prefetch else
+                          sorted({p.concurrency for p in noop}) or [max(axis(args.concurrency))])
+            for prefetch in prefetches:
+                wait_for_quiet(args.wait_load, args.wait_load_between)
+                raws.append(_raw(session, bodies, prefetch))
+    return _finish(args, profile, runs, raws, out=out, workdir=workdir, meta=meta)
+
+
+def _print_run(plan: RunPlan, result: RunResult) -> None:
+    if plan.adapters == "noop":
+        figures = (f"{result.alerts_per_s:.0f} messages/s, {result.cpu_ms_per_alert:.3f} CPU "
+                   f"ms/message (master {result.master_ms_per_alert:.3f}), paused "
+                   f"{result.paused_s:.1f}s")
+    else:
+        figures = (f"{result.alerts_per_s:.1f} alerts/s, p99 {result.latency_p99_ms:.0f} ms, "
+                   f"{result.cpu_ms_per_alert:.2f} CPU ms/alert")
+    print(f"  {plan.label}: {figures}, {result.status}, consistent={result.consistent} "
+          f"(load {result.load_start} -> {result.load_end})", flush=True)
+    for problem in result.checks:
+        print(f"    consistency: {problem}", flush=True)
+    for note in result.notes:
+        print(f"    note: {note}", flush=True)
+
+
+def _finish(args: argparse.Namespace, profile: Profile, runs: list[RunResult],
+            raws: list[RawResult], *, out: Path, workdir: Path, meta: dict[str, Any]) -> int:
+    fill_cpu_x_raw(runs, raws)
+    overheads = framework_overhead(runs, raws)
+    comparisons = prober_comparisons(runs, args.probers)
     rec = recommend(runs, max_p99_ms=args.max_p99)
-    figures = plots.draw_all(runs, raw, out, f"{profile.name} ({args.prober})")
-    report.write_all(out, meta, runs, raw=raw, rec=rec, figures=figures)
-    print("\n" + "\n".join(f"- {line}" for line in rec.reasoning))
+    figures = plots.draw_all(runs, raws, out, f"{profile.name} ({meta['prober']})")
+    report.write_all(out, meta, runs, raws=raws, rec=rec, figures=figures,
+                     probers=comparisons, overheads=overheads)
+    spied = [(label(r, prober=True), [(role, out / path) for role, path in
+                                      r.py_spy_files.items()]) for r in runs if r.py_spy_files]
+    if spied:
+        spy.write_profile(out / "profile.md", spied, rate_hz=RATE_HZ, note=(
+            f"py-spy record --rate {RATE_HZ} --nonblocking for {args.py_spy:g} s from the "
+            "start of each measured window; idle threads are not sampled, so the shares are "
+            "of the samples where the process was running Python. Stages: see "
+            "scripts/loadkit/spy.py."))
+    print("\n" + "\n".join(f"- {line}" for line in [
+        *(c.line() for c in comparisons), *(o.line() for o in overheads), *rec.reasoning]))
     ok = all(r.ok for r in runs)
     print(f"\nreport: {out / 'report.md'}" + ("" if ok else "\nFAILED: a run failed or its "
           "counts disagree with alertd's /metrics (see the report)"), flush=True)
@@ -195,50 +248,12 @@ def _run_all(args: argparse.Namespace, profile: Profile, *, out: Path, session: 
     return 0 if ok else 1
 
 
-def _matrix(args: argparse.Namespace) -> tuple[list[int], list[int]]:
-    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
-    concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
-    return workers, concurrency
-
-
-def _raw(args: argparse.Namespace, session: str, servers: ServerThread,
-         largest: int) -> RawResult:
-    clip, hook = servers.clip_url(servers.clips.profile.clips[0]), servers.hook_url()
-    bodies = [orjson.dumps({"alert_id": f"{session}-raw-{i}", "video_url": clip,
-                            "webhook_url": hook, "source": "loadtest",
-                            "attributes": {"published_at": time.time(), "run": "raw"}})
-              for i in range(args.alerts)]
-    with Environment(f"{session}-raw") as env:
-        raw = measure_raw(env.amqp_url, bodies, args.raw_prefetch or largest)
-    print(f"  raw aiormq consumer: {raw.per_s:.0f} messages/s, "
+def _raw(session: str, bodies: list[bytes], prefetch: int) -> RawResult:
+    with Environment(f"{session}-raw-{prefetch}", with_database=False) as env:
+        raw = measure_raw(env.amqp_url, bodies, prefetch)
+    print(f"  raw aiormq consumer, prefetch {prefetch}: {raw.per_s:.0f} messages/s, "
           f"{raw.cpu_ms_per_message:.3f} CPU ms/message", flush=True)
     return raw
-
-
-def _meta(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return {
-        "command": shlex.join(["scripts/loadtest", *sys.argv[1:]]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "host": platform.node(), "cpus": os.cpu_count(), "memory_gib": pages / 2**30,
-        "alertd_version": __version__, "commit": describe_source(), "prober": args.prober,
-        "profile": profile.as_dict(), "profile_text": profile.describe(),
-        "alerts": args.alerts, "duration_cap_s": args.duration_cap,
-        "method": (
-            "each configuration gets a fresh vhost and database and its own `alertd start`. "
-            "Warm-up alerts (default max(10, 2 x slots)) are delivered and counted by "
-            "/metrics first and not measured. Then the measured alerts are published with "
-            "pika and publisher confirms in a closed loop: at most `window` outstanding "
-            "(published, webhook not yet answered 200; default slots + max(4, slots/2)), so "
-            "every slot stays busy and the queue stays short. alerts/s = measured alerts / "
-            "(first measured publish -> last webhook received); latency = publish -> webhook "
-            "arrival at the sink (the publish time travels in `attributes`, which alertd "
-            "echoes); CPU is read from /proc at the start and end of that window; RSS peaks "
-            "are sampled every 0.25 s; per-stage means are /metrics histogram deltas. "
-            f"Publishing stops after {args.duration_cap:g} s (status `capped`). "
-            "alertd runs with `--log-level warning --graceful-timeout 15` and is stopped "
-            "with TERM."),
-    }
 
 
 def _exit_on_term(signum: int, frame: FrameType | None) -> None:

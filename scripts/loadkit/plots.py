@@ -18,35 +18,49 @@ LATENCY = "latency_vs_concurrency.png"
 CPU = "cpu_per_alert.png"
 
 
-def draw_all(runs: list[RunResult], raw: RawResult | None, out: Path, title: str) -> list[str]:
-    """Write the three PNGs into ``out``; returns their file names."""
+def draw_all(runs: list[RunResult], raws: list[RawResult], out: Path, title: str) -> list[str]:
+    """Write the three PNGs into ``out``; returns their file names.
+
+    Every prober measured (and "noop" for no-op adapter runs) is a series of its own:
+    a heatmap panel, its own latency lines, its own bars.
+    """
     heatmap(runs, out / HEATMAP, title)
     latency(runs, out / LATENCY, title)
-    cpu_per_alert(runs, raw, out / CPU, title)
+    cpu_per_alert(runs, raws, out / CPU, title)
     return [HEATMAP, LATENCY, CPU]
+
+
+def _series(runs: list[RunResult]) -> list[str]:
+    return list(dict.fromkeys(r.prober for r in runs))
 
 
 def heatmap(runs: list[RunResult], path: Path, title: str) -> None:
     workers = sorted({r.workers for r in runs})
     conc = sorted({r.concurrency for r in runs})
-    grid = [[math.nan] * len(conc) for _ in workers]
-    for r in runs:
-        grid[workers.index(r.workers)][conc.index(r.concurrency)] = r.alerts_per_s
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(conc), 1.4 + 0.9 * len(workers)))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(conc)), [str(c) for c in conc])
-    ax.set_yticks(range(len(workers)), [str(w) for w in workers])
-    ax.set_xlabel("--concurrency (slots per child)")
-    ax.set_ylabel("--workers (children)")
-    finite = [v for row in grid for v in row if math.isfinite(v)]
-    middle = (min(finite) + max(finite)) / 2 if finite else 0.0
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            text = "-" if not math.isfinite(value) else f"{value:.1f}"
-            ax.text(j, i, text, ha="center", va="center",
-                    color="black" if math.isfinite(value) and value > middle else "white")
-    fig.colorbar(image, ax=ax, label="alerts/s")
-    ax.set_title(f"{title}: throughput")
+    series = _series(runs)
+    fig, axes = plt.subplots(1, len(series), squeeze=False, figsize=(
+        max(3.6, 1.6 + 1.3 * len(conc)) * len(series), 1.6 + 0.9 * len(workers)))
+    for ax, prober in zip(axes[0], series, strict=True):
+        grid = [[math.nan] * len(conc) for _ in workers]
+        for r in runs:
+            if r.prober == prober:
+                grid[workers.index(r.workers)][conc.index(r.concurrency)] = r.alerts_per_s
+        image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(conc)), [str(c) for c in conc])
+        ax.set_yticks(range(len(workers)), [str(w) for w in workers])
+        ax.set_xlabel("--concurrency (slots per child)")
+        ax.set_ylabel("--workers (children)")
+        finite = [v for row in grid for v in row if math.isfinite(v)]
+        middle = (min(finite) + max(finite)) / 2 if finite else 0.0
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                text = "-" if not math.isfinite(value) else f"{value:.1f}"
+                ax.text(j, i, text, ha="center", va="center",
+                        color="black" if math.isfinite(value) and value > middle else "white")
+        fig.colorbar(image, ax=ax, label="alerts/s")
+        ax.set_title(prober if len(series) > 1 else f"{title}: throughput")
+    if len(series) > 1:
+        fig.suptitle(f"{title}: throughput")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -54,13 +68,19 @@ def heatmap(runs: list[RunResult], path: Path, title: str) -> None:
 
 def latency(runs: list[RunResult], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for w in sorted({r.workers for r in runs}):
-        line = sorted((r for r in runs if r.workers == w), key=lambda r: r.concurrency)
-        xs = [r.concurrency for r in line]
-        p99 = ax.plot(xs, [r.latency_p99_ms for r in line], marker="o",
-                      label=f"{w} workers, p99")
-        ax.plot(xs, [r.latency_p50_ms for r in line], marker=".", linestyle="--",
-                color=p99[0].get_color(), label=f"{w} workers, p50")
+    series = _series(runs)
+    for prober in series:
+        for w in sorted({r.workers for r in runs}):
+            line = sorted((r for r in runs if r.workers == w and r.prober == prober),
+                          key=lambda r: r.concurrency)
+            if not any(math.isfinite(r.latency_p99_ms) for r in line):
+                continue  # no-op runs have no webhooks, so no latency
+            name = f"{w} workers" + (f" {prober}" if len(series) > 1 else "")
+            xs = [r.concurrency for r in line]
+            p99 = ax.plot(xs, [r.latency_p99_ms for r in line], marker="o",
+                          label=f"{name}, p99")
+            ax.plot(xs, [r.latency_p50_ms for r in line], marker=".", linestyle="--",
+                    color=p99[0].get_color(), label=f"{name}, p50")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r.concurrency for r in runs}),
                   [str(c) for c in sorted({r.concurrency for r in runs})])
@@ -68,17 +88,20 @@ def latency(runs: list[RunResult], path: Path, title: str) -> None:
     ax.set_ylabel("publish -> webhook latency (ms)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_title(f"{title}: latency under full load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def cpu_per_alert(runs: list[RunResult], raw: RawResult | None, path: Path,
+def cpu_per_alert(runs: list[RunResult], raws: list[RawResult], path: Path,
                   title: str) -> None:
-    ordered = sorted(runs, key=lambda r: (r.workers, r.concurrency))
-    names = [f"{r.workers}x{r.concurrency}" for r in ordered]
+    series = _series(runs)
+    ordered = sorted(runs, key=lambda r: (r.workers, r.concurrency, series.index(r.prober)))
+    names = [f"{r.workers}x{r.concurrency}" + (f"\n{r.prober}" if len(series) > 1 else "")
+             for r in ordered]
     parts = [("alertd (whole tree)", [r.cpu_ms_per_alert for r in ordered]),
              ("RabbitMQ", [r.broker_ms_per_alert for r in ordered]),
              ("PostgreSQL", [r.database_ms_per_alert for r in ordered])]
@@ -88,9 +111,10 @@ def cpu_per_alert(runs: list[RunResult], raw: RawResult | None, path: Path,
         clean = [v if math.isfinite(v) else 0.0 for v in values]
         ax.bar(names, clean, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, clean, strict=True)]
-    if raw is not None:
-        ax.axhline(raw.cpu_ms_per_message, color="black", linestyle=":",
-                   label=f"raw aiormq consumer ({raw.cpu_ms_per_message:.2f} ms/msg)")
+    for raw, style in zip(raws, (":", "-.", "--", (0, (1, 3))), strict=False):
+        ax.axhline(raw.cpu_ms_per_message, color="black", linestyle=style,
+                   label=f"raw aiormq consumer, prefetch {raw.prefetch} "
+                   f"({raw.cpu_ms_per_message:.3f} ms/msg)")
     ax.set_xlabel("workers x concurrency")
     ax.set_ylabel("CPU ms per alert")
     ax.set_ylim(0, max([*bottom, 0.1]) * 1.4)  # room for the legend above the bars

@@ -123,6 +123,7 @@ class CpuSample:
     database: float
     loadgen: float  # this process: publisher, servers, sampling
     machine: float
+    master: float = 0.0  # the root's own CPU (not its children's)
     children: dict[int, float] = field(default_factory=dict)  # each child's own, by pid
 
     def minus(self, earlier: CpuSample) -> CpuSample:
@@ -131,6 +132,7 @@ class CpuSample:
             at=self.at - earlier.at, alertd=self.alertd - earlier.alertd,
             broker=self.broker - earlier.broker, database=self.database - earlier.database,
             loadgen=self.loadgen - earlier.loadgen, machine=self.machine - earlier.machine,
+            master=self.master - earlier.master,
             children={pid: cpu - earlier.children[pid] for pid, cpu in self.children.items()
                       if pid in earlier.children})
 
@@ -147,6 +149,7 @@ def cpu_sample(root: int, database: str | None = None) -> CpuSample:
         at=time.time(), alertd=seconds(tree),
         broker=broker_cpu_s(procs), database=database_cpu_s(procs, database),
         loadgen=times.user + times.system, machine=machine_busy_s(),
+        master=procs[root].own_ticks / CLOCK_TICKS if root in procs else 0.0,
         # A child's own CPU, without its probe processes: what its event loop can do.
         children={p: procs[p].own_ticks / CLOCK_TICKS for p in tree if procs[p].ppid == root})
 

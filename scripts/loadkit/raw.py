@@ -72,19 +72,10 @@ def main() -> None:
 
 def measure_raw(amqp_url: str, bodies: list[bytes], prefetch: int) -> RawResult:
     """Publish ``bodies`` (confirmed), then time the raw consumer over all of them."""
-    from alertd.config import Settings
     from loadkit.proctree import cpu_sample
-    from loadkit.publisher import Progress, Publisher
+    from loadkit.publisher import prefill
 
-    publisher = Publisher(Settings(amqp_url=amqp_url))
-    progress = Progress("raw: filling the queue", len(bodies))
-    try:
-        for i, body in enumerate(bodies, 1):
-            publisher.publish(body)
-            progress.update(i, i)
-    finally:
-        progress.close()
-        publisher.close()
+    prefill(amqp_url, bodies)
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(here.parent), str(here.parent.parent), os.environ.get("PYTHONPATH", "")])}

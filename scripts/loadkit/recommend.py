@@ -24,14 +24,29 @@ class Recommendation:
     reasoning: list[str] = field(default_factory=list)
 
 
-def label(r: RunResult) -> str:
-    return f"{r.workers} x {r.concurrency}"
+def label(r: RunResult, *, prober: bool = False) -> str:
+    """"2 x 8"; with ``prober`` (several probers measured) "2 x 8 pyav"."""
+    base = f"{r.workers} x {r.concurrency}"
+    return f"{base} {r.prober}" if prober or r.adapters == "noop" else base
+
+
+def several_probers(runs: list[RunResult]) -> bool:
+    return len({r.prober for r in runs if r.adapters == "real"}) > 1
 
 
 def recommend(runs: list[RunResult], *, max_p99_ms: float | None = None,
               cpus: int | None = None) -> Recommendation:
-    """Fewest children first (each costs memory and database connections), then fewest slots."""
-    usable = [r for r in runs if r.ok and math.isfinite(r.alerts_per_s)]
+    """Fewest children first (each costs memory and database connections), then fewest slots.
+
+    Only runs with real adapters count: a no-op run measures the framework, not a
+    configuration one could deploy.
+    """
+    real = [r for r in runs if r.adapters == "real"]
+    if not real:
+        return Recommendation(reasoning=["Only no-op adapter runs: they measure alertd's "
+                                         "framework overhead, not a configuration to deploy; "
+                                         "no recommendation."])
+    usable = [r for r in real if r.ok and math.isfinite(r.alerts_per_s)]
     if not usable:
         return Recommendation(reasoning=["No run completed consistently: nothing to recommend."])
     best = max(usable, key=lambda r: r.alerts_per_s)
@@ -54,16 +69,21 @@ def recommend(runs: list[RunResult], *, max_p99_ms: float | None = None,
 
 def _reasoning(rec: Recommendation, runs: list[RunResult], cpus: int) -> list[str]:
     pick, best = rec.pick, rec.best
+    many = several_probers(runs)
+
+    def name(r: RunResult) -> str:
+        return label(r, prober=many)
+
     assert pick is not None and best is not None
     seconds = pick.alert_duration_mean_ms / 1000
     lines = [
-        f"Fastest: {label(best)} at {best.alerts_per_s:.1f} alerts/s, p99 "
+        f"Fastest: {name(best)} at {best.alerts_per_s:.1f} alerts/s, p99 "
         f"{best.latency_p99_ms:.0f} ms. Acceptable p99: {rec.p99_rule} = "
         f"{rec.max_p99_ms:.0f} ms.",
         "Within 5% of the fastest acceptable one: " + ", ".join(
-            f"{label(r)} ({r.alerts_per_s:.1f}/s, p99 {r.latency_p99_ms:.0f} ms)"
+            f"{name(r)} ({r.alerts_per_s:.1f}/s, p99 {r.latency_p99_ms:.0f} ms)"
             for r in sorted(rec.candidates, key=lambda r: (r.workers, r.slots))) + ".",
-        f"Smallest of them: **{label(pick)}** ({pick.workers} {_children(pick.workers)} x "
+        f"Smallest of them: **{name(pick)}** ({pick.workers} {_children(pick.workers)} x "
         f"{pick.concurrency} "
         f"slots = {pick.slots} slots): fewest children first, then fewest slots.",
         f"Little's law: {pick.alerts_per_s:.1f} alerts/s x {seconds:.3f} s per alert "
@@ -72,12 +92,13 @@ def _reasoning(rec: Recommendation, runs: list[RunResult], cpus: int) -> list[st
         f"target rate R = R x {seconds:.3f} s, plus headroom for bursts.",
     ]
     busy = pick.cores_machine / cpus
-    more_slots = [r for r in runs if r.workers == pick.workers and r.slots > pick.slots]
+    more_slots = [r for r in runs if r.workers == pick.workers and r.slots > pick.slots
+                  and r.prober == pick.prober]
     split = (f"alertd {pick.cores_alertd:.2f}, RabbitMQ {pick.cores_broker:.2f}, PostgreSQL "
              f"{pick.cores_database:.2f}, load generator {pick.cores_loadgen:.2f}, other "
              f"processes {pick.cores_other:.2f}")
     if busy >= CPU_SATURATED:
-        gained = ", ".join(f"{label(r)}: {r.alerts_per_s:.1f}/s, p99 {r.latency_p99_ms:.0f} ms"
+        gained = ", ".join(f"{name(r)}: {r.alerts_per_s:.1f}/s, p99 {r.latency_p99_ms:.0f} ms"
                            for r in more_slots)
         lines.append(
             f"The machine was CPU-saturated: {pick.cores_machine:.2f} of {cpus} cores busy "
@@ -103,7 +124,7 @@ def _reasoning(rec: Recommendation, runs: list[RunResult], cpus: int) -> list[st
             f"Neither the CPU ({pick.cores_machine:.2f} of {cpus} cores: {split}) nor the slots "
             f"({pick.slot_utilisation:.0%}) are saturated: the limit is elsewhere (the "
             f"publisher's window, the broker, the database or the webhook outbox).")
-    disturbed = [label(r) for r in runs if r.cores_other > OTHER_DISTURBS]
+    disturbed = [name(r) for r in runs if r.cores_other > OTHER_DISTURBS]
     if disturbed:
         lines.append(f"Other processes used more than {OTHER_DISTURBS} cores during "
                      f"{', '.join(disturbed)}: those figures are disturbed; rerun on a quiet "

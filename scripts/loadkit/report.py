@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from loadkit.compare import Overhead, ProberComparison, raw_for
 from loadkit.raw import RawResult
-from loadkit.recommend import Recommendation, label
+from loadkit.recommend import Recommendation, label, several_probers
 from loadkit.results import RunResult
 
 
@@ -30,43 +32,59 @@ def _clean(value: Any) -> Any:
 
 
 def write_all(out: Path, meta: dict[str, Any], runs: list[RunResult], *,
-              raw: RawResult | None, rec: Recommendation, figures: list[str]) -> None:
+              raws: list[RawResult], rec: Recommendation, figures: list[str],
+              probers: list[ProberComparison], overheads: list[Overhead]) -> None:
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(runs[0].flat()))
         writer.writeheader()
         for r in runs:
             writer.writerow({k: (round(v, 3) if isinstance(v, float) else v)
                              for k, v in r.flat().items()})
-    doc = {**meta, "runs": [vars(r) for r in runs], "raw": asdict(raw) if raw else None,
+    many = several_probers(runs)
+    doc = {**meta, "runs": [vars(r) for r in runs],
+           "raw": asdict(raws[0]) if raws else None,  # the first, as before several
+           "raw_runs": [asdict(r) for r in raws],
+           "prober_comparison": [c.as_dict() for c in probers],
+           "framework_overhead": [o.as_dict() for o in overheads],
            "recommendation": {
-               "pick": label(rec.pick) if rec.pick else None,
-               "best": label(rec.best) if rec.best else None,
+               "pick": label(rec.pick, prober=many) if rec.pick else None,
+               "best": label(rec.best, prober=many) if rec.best else None,
                "max_p99_ms": rec.max_p99_ms, "p99_rule": rec.p99_rule,
-               "candidates": [label(r) for r in rec.candidates],
+               "candidates": [label(r, prober=many) for r in rec.candidates],
                "reasoning": rec.reasoning},
            "consistent": all(r.consistent for r in runs)}
     (out / "results.json").write_text(json.dumps(_clean(doc), indent=2) + "\n")
-    (out / "report.md").write_text(markdown(meta, runs, raw=raw, rec=rec, figures=figures))
+    (out / "report.md").write_text(markdown(meta, runs, raws=raws, rec=rec, figures=figures,
+                                            probers=probers, overheads=overheads))
 
 
-def markdown(meta: dict[str, Any], runs: list[RunResult], *, raw: RawResult | None,
-             rec: Recommendation, figures: list[str]) -> str:
+def markdown(meta: dict[str, Any], runs: list[RunResult], *, raws: list[RawResult],
+             rec: Recommendation, figures: list[str], probers: list[ProberComparison],
+             overheads: list[Overhead]) -> str:
+    many = several_probers(runs)
+
+    def name(r: RunResult) -> str:
+        return label(r, prober=many)
+
     lines = [f"# alertd load test: {meta['profile']['name']}", "",
              f"Command: `{meta['command']}`", "",
              f"{meta['date']} on {meta['host']} ({meta['cpus']} CPUs, "
              f"{meta['memory_gib']:.0f} GiB), alertd {meta['alertd_version']} "
-             f"(commit {meta['commit']}), prober `{meta['prober']}`.", "",
+             f"(commit {meta['commit']}), prober `{meta['prober']}`"
+             + (", no-op adapters (framework overhead)" if meta.get("noop_adapters") else "")
+             + ".", "",
              f"**Profile `{meta['profile']['name']}`**: {meta['profile']['summary']}. "
              f"{meta['profile_text']}.", "",
              f"**Method**: {meta['method']}", "",
              "## Results", "",
-             "| workers | concurrency | slots | alerts | alerts/s | p50 ms | p95 ms | p99 ms "
-             "| CPU ms/alert | alertd cores | machine cores | busy slots | child RSS MB "
-             "| tree RSS MB | failed | DLQ | webhook 500s | load 1m start -> end | status |",
-             "|" + "---:|" * 18 + "---|"]
+             "| workers | concurrency | prober | slots | alerts | alerts/s | p50 ms | p95 ms "
+             "| p99 ms | CPU ms/alert | alertd cores | machine cores | busy slots "
+             "| child RSS MB | tree RSS MB | failed | DLQ | webhook 500s "
+             "| load 1m start -> end | status |",
+             "|---:|---:|---|" + "---:|" * 16 + "---|"]
     for r in runs:
         lines.append(
-            f"| {r.workers} | {r.concurrency} | {r.slots} | {r.alerts_delivered} "
+            f"| {r.workers} | {r.concurrency} | {r.prober} | {r.slots} | {r.alerts_delivered} "
             f"| {_num(r.alerts_per_s)} | {_num(r.latency_p50_ms, 0)} "
             f"| {_num(r.latency_p95_ms, 0)} | {_num(r.latency_p99_ms, 0)} "
             f"| {_num(r.cpu_ms_per_alert, 2)} | {_num(r.cores_alertd, 2)} "
@@ -80,7 +98,7 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raw: RawResult | No
               "p50 / p99 | publish -> webhook |", "|---|" + "---:|" * 9]
     for r in runs:
         lines.append(
-            f"| {label(r)} | {_num(r.stage_dedup_ms)} | {_num(r.stage_download_ms)} "
+            f"| {name(r)} | {_num(r.stage_dedup_ms)} | {_num(r.stage_download_ms)} "
             f"| {_num(r.stage_probe_ms)} | {_num(r.stage_store_ms)} "
             f"| {_num(r.stage_notify_ms)} | {_num(r.alert_duration_mean_ms)} "
             f"| {_num(r.to_processed_mean_ms)} | {_num(r.outbox_lag_p50_ms)} / "
@@ -91,7 +109,7 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raw: RawResult | No
               "|---|" + "---:|" * 7]
     for r in runs:
         lines.append(
-            f"| {label(r)} | {_num(r.cpu_ms_per_alert, 2)} "
+            f"| {name(r)} | {_num(r.cpu_ms_per_alert, 2)} "
             f"| {_num(r.cpu_metric_ms_per_alert, 2)} | {_num(r.broker_ms_per_alert, 2)} "
             f"| {_num(r.database_ms_per_alert, 2)} | {_num(r.loadgen_ms_per_alert, 2)} "
             f"| {_num(r.busiest_child_cores, 2)} | {_num(r.cores_other, 2)} |")
@@ -100,37 +118,93 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raw: RawResult | No
               "alertd's own counter. Busiest child = one child's own CPU "
               "(its event loop, without its probe processes) over the window: near 1 core, "
               "that child cannot go faster."]
-    if raw is not None:
-        lines += _raw_section(runs, raw)
+    if probers:
+        lines += ["", "## Probers side by side", "",
+                  "Same machine, same configuration, runs back to back (their order "
+                  "alternating from one configuration to the next):", ""]
+        lines += [f"- {c.line()}" for c in probers]
+    if any(r.adapters == "noop" for r in runs):
+        lines += _overhead_section(runs, overheads)
+    if raws:
+        lines += _raw_section(runs, raws, name)
+    spied = [r for r in runs if r.py_spy_files]
+    if spied or any(r.notes for r in runs):
+        lines += ["", "## py-spy", ""]
+        if spied:
+            lines += ["Profiles of the measured windows: [profile.md](profile.md) (raw "
+                      "files in `pyspy/`, summarize again with `python -m loadkit.spy`)."]
+        lines += [f"- {name(r)}: {note}" for r in runs for note in r.notes]
     lines += ["", "## Recommendation", "", *[f"- {line}" for line in rec.reasoning]]
     lines += ["", "## Consistency check", ""]
     failed = [(r, c) for r in runs for c in r.checks]
     if failed:
         lines += ["**FAILED**: the tool's counts disagree with alertd's /metrics:", ""]
-        lines += [f"- {label(r)}: {c}" for r, c in failed]
+        lines += [f"- {name(r)}: {c}" for r, c in failed]
     else:
         lines.append("Passed: for every run, alerts processed by outcome and code, webhook "
                      "deliveries and 500s, alert-duration observations and database rows "
-                     "equal alertd's /metrics deltas and the sink's receipts.")
-    outcomes = "; ".join(f"{label(r)}: " + ", ".join(f"{k} {v}" for k, v in r.outcomes.items())
+                     "equal alertd's /metrics deltas and the sink's receipts (no-op runs: "
+                     "/metrics counts every prefilled message as done, none left or "
+                     "dead-lettered).")
+    outcomes = "; ".join(f"{name(r)}: " + ", ".join(f"{k} {v}" for k, v in r.outcomes.items())
                          for r in runs)
     lines += ["", f"Outcomes: {outcomes}.", "", "## Figures", ""]
-    lines += [f"![{name}]({name})" for name in figures]
+    lines += [f"![{figure}]({figure})" for figure in figures]
     return "\n".join(lines) + "\n"
 
 
-def _raw_section(runs: list[RunResult], raw: RawResult) -> list[str]:
+def _overhead_section(runs: list[RunResult], overheads: list[Overhead]) -> list[str]:
+    lines = ["", "## Framework overhead (no-op adapters)", "",
+             "alertd as in production (master, children, AMQP consumer, handler, use case, "
+             "stats, /metrics) with adapters that do nothing: no download, probe, database or "
+             "webhook. Like the raw consumer it took a prefilled queue: alertd was stopped "
+             "(SIGSTOP, whole process group) while the queue was filled with the same alert "
+             "bodies, then resumed; CPU = the whole tree (master + children) from resume until "
+             "the queue was empty and /metrics counted every message, per message. "
+             "msgs/s = messages / (resume -> no message ready).", "",
+             "| config | messages | msgs/s | alertd CPU ms/msg | of it master | raw ms/msg "
+             "(prefetch) | overhead | idle tree cores | paused s |",
+             "|---|" + "---:|" * 8]
+    by_config = {(o.workers, o.concurrency): o for o in overheads}
+    for r in (r for r in runs if r.adapters == "noop"):
+        o = by_config.get((r.workers, r.concurrency))
+        raw = f"{o.raw_ms_per_message:.3f} ({o.raw_prefetch})" if o else "-"
+        pct = f"{o.overhead_pct:+.0f}%" if o else "-"
+        lines.append(f"| {label(r)} | {r.alerts_delivered} | {_num(r.alerts_per_s, 0)} "
+                     f"| {_num(r.cpu_ms_per_alert, 3)} | {_num(r.master_ms_per_alert, 3)} "
+                     f"| {raw} | {pct} | {_num(r.idle_cores_alertd, 3)} "
+                     f"| {_num(r.paused_s, 1)} |")
+    lines.append("")
+    if overheads:
+        lines += [f"- {o.line()}" for o in overheads]
+    else:
+        lines.append("No raw consumer to compare with: add `--compare-raw`.")
+    lines += ["", "Idle tree cores: alertd's CPU while it had nothing to do (heartbeats, the "
+              "master's tick, the outbox poll), read for 1 s before the pause (/proc counts "
+              "10 ms ticks: 0.000 is below 0.01 cores); it runs during the measured window "
+              "too and is part of the figure."]
+    return lines
+
+
+def _raw_section(runs: list[RunResult], raws: list[RawResult],
+                 name: Callable[[RunResult], str]) -> list[str]:
     lines = ["", "## Against the raw client limit", "",
-             f"A bare aiormq + uvloop consumer (parse the JSON, ack; prefetch {raw.prefetch}) "
-             f"took {raw.messages} messages of the same shape from a prefilled quorum queue "
-             f"of the same broker: **{raw.per_s:.0f} messages/s** at "
-             f"**{raw.cpu_ms_per_message:.3f} CPU ms/message** (RabbitMQ "
-             f"{raw.broker_ms_per_message:.3f} ms/message).", "",
-             "| config | alerts/s | % of raw rate | CPU ms/alert | x raw CPU |",
-             "|---|---:|---:|---:|---:|"]
+             f"A bare aiormq + uvloop consumer (parse the JSON, ack) took {raws[0].messages} "
+             "messages of the same shape from a prefilled quorum queue of the same broker:", ""]
+    for raw in raws:
+        lines.append(
+            f"- prefetch {raw.prefetch}: **{raw.per_s:.0f} messages/s** at "
+            f"**{raw.cpu_ms_per_message:.3f} CPU ms/message** (RabbitMQ "
+            f"{raw.broker_ms_per_message:.3f} ms/message)")
+    if len(raws) > 1:
+        lines += ["", "Each run is set against the raw run with its prefetch (= its "
+                  "concurrency), else against the first."]
+    lines += ["", "| config | alerts/s | % of raw rate | CPU ms/alert | x raw CPU |",
+              "|---|---:|---:|---:|---:|"]
     for r in runs:
-        share = r.alerts_per_s / raw.per_s if raw.per_s else math.nan
-        times = r.cpu_ms_per_alert / raw.cpu_ms_per_message if raw.cpu_ms_per_message else 0
-        lines.append(f"| {label(r)} | {_num(r.alerts_per_s)} | {_num(100 * share, 1)}% "
-                     f"| {_num(r.cpu_ms_per_alert, 2)} | {_num(times, 1)} |")
+        ref = raw_for(r, raws)
+        assert ref is not None
+        share = r.alerts_per_s / ref.per_s if ref.per_s else math.nan
+        lines.append(f"| {name(r)} | {_num(r.alerts_per_s)} | {_num(100 * share, 1)}% "
+                     f"| {_num(r.cpu_ms_per_alert, 2)} | {_num(r.cpu_x_raw, 2)} |")
     return lines

@@ -19,7 +19,8 @@ class RunResult:
     """Flat fields go to results.csv; ``outcomes``, ``stage_p95_ms``, ``checks`` only to JSON."""
 
     profile: str
-    prober: str
+    prober: str  # pyav, ffprobe; "noop" for runs with no-op adapters
+    adapters: str  # real, or noop (--noop-adapters: framework overhead only)
     workers: int
     concurrency: int
     slots: int
@@ -49,6 +50,10 @@ class RunResult:
     cpu_alertd_s: float = math.nan
     cpu_ms_per_alert: float = math.nan
     cpu_metric_ms_per_alert: float = math.nan  # alertd_cpu_seconds_total, for comparison
+    master_ms_per_alert: float = math.nan  # the master's own share of cpu_ms_per_alert
+    cpu_x_raw: float = math.nan  # cpu_ms_per_alert / the raw consumer's ms per message
+    idle_cores_alertd: float = math.nan  # noop runs: the tree's CPU while idle, before the run
+    paused_s: float = math.nan  # noop runs: how long alertd was stopped for the prefill
     cores_alertd: float = math.nan
     broker_ms_per_alert: float = math.nan
     database_ms_per_alert: float = math.nan
@@ -77,9 +82,12 @@ class RunResult:
     stage_p95_ms: dict[str, float] = field(default_factory=dict)
     peak_rss_per_child_mb: list[float] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # failed consistency checks
+    py_spy_files: dict[str, str] = field(default_factory=dict)  # role -> path in the results
+    notes: list[str] = field(default_factory=list)  # worth knowing, not failures (py-spy)
 
     def flat(self) -> dict[str, Any]:
-        nested = {"outcomes", "stage_p95_ms", "peak_rss_per_child_mb", "checks"}
+        nested = {"outcomes", "stage_p95_ms", "peak_rss_per_child_mb", "checks", "py_spy_files",
+                  "notes"}
         return {k: v for k, v in vars(self).items() if k not in nested}
 
     @property
@@ -152,6 +160,7 @@ def fill_resources(result: RunResult, cpu: CpuSample, peaks: MemoryPeaks) -> Non
     if n and cpu.at > 0:
         result.cpu_alertd_s = cpu.alertd
         result.cpu_ms_per_alert = 1000 * cpu.alertd / n
+        result.master_ms_per_alert = 1000 * cpu.master / n
         result.broker_ms_per_alert = 1000 * cpu.broker / n
         result.database_ms_per_alert = 1000 * cpu.database / n
         result.loadgen_ms_per_alert = 1000 * cpu.loadgen / n
@@ -205,5 +214,23 @@ def check_consistency(result: RunResult, delta: Scrape, receipts: list[Receipt],
         problems.append(f"database rows {db_rows} != webhooks received {len(first_ok)}")
     if len(first_ok) != len(measured):
         problems.append(f"{len(measured) - len(first_ok)} measured alerts got no webhook")
+    result.checks = problems
+    result.consistent = not problems
+
+
+def check_noop_consistency(result: RunResult, delta: Scrape, *, left_in_queue: int) -> None:
+    """No-op runs: /metrics must count every prefilled message as one alert done, none left."""
+    reported = {f"{o}:{c}" if c else o: n for (o, c), n in processed(delta).items() if n}
+    result.outcomes = reported
+    problems = []
+    if reported != {"done": result.alerts_measured}:
+        problems.append(f"alerts processed by outcome: /metrics {reported} != "
+                        f"{{'done': {result.alerts_measured}}} prefilled")
+    ends = delta.histogram("alertd_alert_duration_seconds").count
+    if round(ends) != result.alerts_measured:
+        problems.append(f"alert duration observations {ends:.0f} != prefilled "
+                        f"{result.alerts_measured}")
+    if left_in_queue:
+        problems.append(f"{left_in_queue} messages still in the queue")
     result.checks = problems
     result.consistent = not problems

@@ -24,6 +24,7 @@ from loadkit.metrics import Scrape, processed, scrape, webhook_attempts
 from loadkit.proctree import cpu_sample
 from loadkit.publisher import Progress, Publisher, Tracker, publish_closed_loop
 from loadkit.servers import Receipt, ServerThread
+from loadkit.spyrecord import SpyPlan
 from loadkit.stack import ALERTD, AlertdProcess, Environment, free_port
 
 WARMUP_CAP_S = 60.0  # warm-up publishing and delivery, each
@@ -43,6 +44,7 @@ class RunPlan:
     window: int  # 0: slots + max(4, slots // 2)
     duration_cap_s: float
     alertd_args: tuple[str, ...] = ()
+    adapters: str = "real"  # or "noop": loadkit.noop runs it
 
     @property
     def slots(self) -> int:
@@ -54,16 +56,18 @@ class RunPlan:
 
     @property
     def label(self) -> str:
-        return f"{self.workers}w x {self.concurrency}c"
+        prober = "noop adapters" if self.adapters == "noop" else self.prober
+        return f"{self.workers}w x {self.concurrency}c {prober}"
 
 
 def execute(plan: RunPlan, profile_name: str, servers: ServerThread, workdir: Path,
-            session: str) -> results.RunResult:
+            session: str, *, spy: SpyPlan | None = None) -> results.RunResult:
     """Run ``plan`` once; never raises for a failure of alertd, returns it in ``status``."""
-    result = results.RunResult(profile=profile_name, prober=plan.prober, workers=plan.workers,
-                               concurrency=plan.concurrency, slots=plan.slots,
-                               window=plan.outstanding, alerts_requested=plan.alerts)
-    tag = f"{session}-{plan.workers}x{plan.concurrency}"
+    result = results.RunResult(profile=profile_name, prober=plan.prober, adapters="real",
+                               workers=plan.workers, concurrency=plan.concurrency,
+                               slots=plan.slots, window=plan.outstanding,
+                               alerts_requested=plan.alerts)
+    tag = f"{session}-{plan.workers}x{plan.concurrency}-{plan.prober}"
     servers.forget()
     with Environment(tag) as env:
         port, control = free_port(), str(workdir / f"{tag}.sock")
@@ -76,7 +80,8 @@ def execute(plan: RunPlan, profile_name: str, servers: ServerThread, workdir: Pa
                                log_path=workdir / f"alertd-{tag}.log", control_socket=control)
         try:
             alertd.start().wait_consuming(plan.workers, BOOT_CAP_S)
-            _measure(plan, result, alertd=alertd, env=env, servers=servers, port=port, tag=tag)
+            _measure(plan, result, alertd=alertd, env=env, servers=servers, port=port, tag=tag,
+                     spy=spy)
         except Exception as exc:  # a broken run is reported, the matrix goes on
             result.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
         finally:
@@ -95,7 +100,8 @@ def execute(plan: RunPlan, profile_name: str, servers: ServerThread, workdir: Pa
 
 
 def _measure(plan: RunPlan, result: results.RunResult, *, alertd: AlertdProcess,
-             env: Environment, servers: ServerThread, port: int, tag: str) -> None:
+             env: Environment, servers: ServerThread, port: int, tag: str,
+             spy: SpyPlan | None) -> None:
     tracker = Tracker()
 
     def on_receipt(receipt: Receipt) -> None:
@@ -106,6 +112,7 @@ def _measure(plan: RunPlan, result: results.RunResult, *, alertd: AlertdProcess,
     clips = [servers.clip_url(name) for name in servers.clips.profile.clips]
     hook = servers.hook_url()
     publisher = Publisher(Settings(amqp_url=env.amqp_url))
+    recording = None
     try:
         def body_for(alert_id: str, at: float) -> bytes:
             seq = int(alert_id.rsplit("-", 1)[1])
@@ -124,6 +131,7 @@ def _measure(plan: RunPlan, result: results.RunResult, *, alertd: AlertdProcess,
         assert alertd.watch is not None
         alertd.watch.reset_peaks()
         cpu0 = cpu_sample(alertd.pid, env.database)
+        recording = spy.start(alertd.pid, tag) if spy else None
 
         ids = [f"{tag}-m-{i}" for i in range(plan.alerts)]
         progress = Progress(plan.label, plan.alerts)
@@ -143,6 +151,9 @@ def _measure(plan: RunPlan, result: results.RunResult, *, alertd: AlertdProcess,
         peaks = alertd.watch.peaks
     finally:
         publisher.close()
+        if recording is not None:  # before alertd stops: py-spy would lose its process
+            result.py_spy_files = recording.wait()
+            result.notes += recording.problems
     if len(sent) < plan.alerts:
         result.status = "capped"
     measured = set(sent)

@@ -27,22 +27,27 @@ VHOST_DELETE_TRIES = 3
 
 
 class Environment:
-    """A vhost and a migrated database named after ``tag``; both dropped on exit, always."""
+    """A vhost and a migrated database named after ``tag``; both dropped on exit, always.
 
-    def __init__(self, tag: str) -> None:
+    ``with_database=False`` (no-op adapters, the raw consumer): the vhost only.
+    """
+
+    def __init__(self, tag: str, *, with_database: bool = True) -> None:
         self.vhost = f"alertd-load-{tag}"
         self.database = f"alertd_load_{tag}".replace("-", "_")
+        self.with_database = with_database
         self.amqp_url = ""
         self.dsn = ""
 
     def __enter__(self) -> Environment:
         try:
             self.amqp_url = create_vhost(self.vhost)
-            self.dsn = create_database(self.database)
-            # The alertd that will run migrates, not the alertd this process
-            # imported: the schema must be the one its children expect.
-            subprocess.run([ALERTD, "db", "migrate", "--dsn", self.dsn], check=True,
-                           capture_output=True, timeout=120)
+            if self.with_database:
+                self.dsn = create_database(self.database)
+                # The alertd that will run migrates, not the alertd this process
+                # imported: the schema must be the one its children expect.
+                subprocess.run([ALERTD, "db", "migrate", "--dsn", self.dsn], check=True,
+                               capture_output=True, timeout=120)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -59,8 +64,9 @@ class Environment:
                 break
         else:
             print(f"  warning: could not delete vhost {self.vhost}", flush=True)
-        with contextlib.suppress(Exception):
-            drop_database(self.database)
+        if self.with_database:
+            with contextlib.suppress(Exception):
+                drop_database(self.database)
 
     def ready_messages(self, queues: Sequence[str]) -> dict[str, int]:
         """Ready messages per queue (passive declares; a missing queue is left out)."""
