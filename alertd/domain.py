@@ -138,8 +138,8 @@ def webhook_event(outcome: Outcome, *, default_url: str | None) -> WebhookEvent 
 
 def format_time(value: dt.datetime) -> str:
     """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
-    utc = value.astimezone(dt.UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat is C and ~5x faster than strftime; the offset of UTC is "+00:00".
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
@@ -160,7 +160,10 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
         raise InvalidMessage(f"invalid_json: {exc.msg} at char {exc.pos}") from None
     if not isinstance(doc, dict):
         raise InvalidMessage(f"not_an_object: body is a JSON {_json_type(doc)}")
-    if _depth(doc) > MAX_JSON_DEPTH:
+    # Deeper than MAX_JSON_DEPTH needs more brackets than that; counting
+    # them (C speed) spares walking every ordinary alert.
+    if (body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH
+            and _depth(doc) > MAX_JSON_DEPTH):
         raise InvalidMessage(f"too_deep: nesting deeper than {MAX_JSON_DEPTH}")
 
     alert_id = doc.get("alert_id")

@@ -16,6 +16,7 @@ from typing import Any
 from alertd.domain import Stage
 
 # Seconds. Wide on purpose: a probe is milliseconds, a slow download minutes.
+_STAGES = frozenset(stage.value for stage in Stage)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 120.0, 300.0)
 
@@ -46,7 +47,7 @@ class SlotState:
         """Switch stage; returns how long the previous stage took."""
         now = time.monotonic()
         spent = now - self.stage_started
-        self.stage, self.stage_started = str(stage), now
+        self.stage, self.stage_started = stage.value, now
         return spent
 
 
@@ -79,7 +80,7 @@ class ChildStats:
         if state is None:
             return
         previous, spent = state.stage, state.enter(stage)
-        if previous in Stage.__members__.values():
+        if previous in _STAGES:
             self.observe(previous, spent)
 
     def close_slot(self, slot: int) -> None:
@@ -87,7 +88,7 @@ class ChildStats:
         if state is None:
             return
         now = time.monotonic()
-        if state.stage in Stage.__members__.values():
+        if state.stage in _STAGES:
             self.observe(state.stage, now - state.stage_started)
 
     def in_flight_alert_ids(self) -> list[str]:
