@@ -67,7 +67,10 @@ class ChildStats:
         self.counters[key] += by
 
     def observe(self, name: str, seconds: float) -> None:
-        self.histograms.setdefault(name, Histogram()).observe(seconds)
+        histogram = self.histograms.get(name)
+        if histogram is None:
+            histogram = self.histograms[name] = Histogram()
+        histogram.observe(seconds)
 
     def open_slot(self) -> int:
         self._next_slot += 1
