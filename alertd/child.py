@@ -198,7 +198,9 @@ class Child:
             # within what is left of the graceful timeout.
             dispatcher.stop()
             outbox = [t for t in self._tasks if t.get_name() == "outbox"]
-            budget = min(self.settings.webhook_timeout + 1, deadline - loop.time())
+            # The slowest delivery in flight, then the write of its attempt
+            # (which may wait for a pooled connection: the checkout timeout).
+            budget = min(self.settings.webhook_timeout + 6, deadline - loop.time())
             if outbox and self._graceful and budget > 0:
                 await asyncio.wait(outbox, timeout=budget)
         for task in self._tasks:

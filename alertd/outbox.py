@@ -79,16 +79,27 @@ class OutboxDispatcher:
         dropped: their leases run out and they are sent again, same webhook-id.
         """
         recorder = asyncio.create_task(self._record_finished(), name="outbox-recorder")
+        claimer = asyncio.create_task(self._claim_and_start(), name="outbox-claimer")
         try:
-            await self._claim_and_start()
+            # A recorder that fails (a bug, not an outage) must stop the
+            # dispatcher loudly: deliveries whose attempts are never written
+            # would be sent again every lease, forever.
+            await asyncio.wait((claimer, recorder), return_when=asyncio.FIRST_COMPLETED)
+            if recorder.done():
+                recorder.result()
+                raise RuntimeError("outbox recorder ended before the dispatcher was stopped")
+            await claimer
             if self._in_flight:
                 await asyncio.wait(self._in_flight)
             self._closing = True
             self._to_record.set()
             await recorder
         finally:
-            for task in (*self._in_flight, recorder):
+            tasks = (claimer, recorder, *self._in_flight)
+            for task in tasks:
                 task.cancel()
+            # Unwound before the caller closes the pool and the HTTP session.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _claim_and_start(self) -> None:
         unavailable_delay = POLL_INTERVAL_S
@@ -110,6 +121,7 @@ class OutboxDispatcher:
             except StoreUnavailable as exc:
                 log.warning("outbox: store unavailable (%s); retrying in %.0fs",
                             exc, unavailable_delay)
+                self._backlogged = False  # finished deliveries must not cut the wait short
                 await self._pause(unavailable_delay)
                 unavailable_delay = min(unavailable_delay * 2, 30.0)
                 continue
@@ -126,6 +138,8 @@ class OutboxDispatcher:
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("outbox: a delivery task failed: %r", exc, exc_info=exc)
         if self._backlogged:
             self._wake.set()
 
@@ -136,11 +150,13 @@ class OutboxDispatcher:
     async def _deliver(self, delivery: PendingDelivery) -> None:
         try:
             result = await self._sender.deliver(delivery)
-        except Exception:
-            # A bug, not an HTTP outcome: the row is tried again when its lease runs out.
+        except Exception as exc:
+            # A bug, not an HTTP outcome. Recorded as a failed attempt, so the
+            # row backs off and ends as failed after max attempts instead of
+            # being sent again every lease.
             log.exception("webhook %s for alert %s: the sender failed", delivery.webhook_id,
                           delivery.alert_id)
-            return
+            result = DeliveryResult(ok=False, error=f"internal_error: {type(exc).__name__}")
         attempts_made = delivery.attempts + 1
         self._stats.observe("notify", result.duration_s)
         next_at = None
@@ -175,5 +191,9 @@ class OutboxDispatcher:
                     # receiver deduplicates by webhook-id, so a repeat is harmless.
                     log.warning("outbox: could not record %d attempts (%s): %s", len(batch),
                                 ", ".join(r.delivery.webhook_id for r in batch), exc)
+                except Exception:
+                    log.exception("outbox: recording %d attempts failed (%s)", len(batch),
+                                  ", ".join(r.delivery.webhook_id for r in batch))
+                    raise
             if self._closing and not self._finished:
                 return

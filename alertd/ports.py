@@ -113,8 +113,9 @@ class WebhookOutbox(Protocol):
         ...
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
-        """Record finished attempts, all or none. ``ok`` or ``gone`` or no
-        ``next_attempt_at`` ends a row; otherwise it is due again then.
+        """Record finished attempts. ``ok`` or ``gone`` or no ``next_attempt_at``
+        ends a row; otherwise it is due again then. All or none, except that a
+        batch holding the same row twice is written in several steps.
 
         Raises ``StoreUnavailable``; the leases then expire and the rows are
         tried again (the receiver deduplicates by ``webhook-id``).

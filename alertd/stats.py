@@ -16,9 +16,10 @@ from typing import Any
 from alertd.domain import Stage
 
 # Seconds. Wide on purpose: a probe is milliseconds, a slow download minutes.
-_STAGES = frozenset(stage.value for stage in Stage)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 120.0, 300.0)
+
+_STAGES = frozenset(stage.value for stage in Stage)
 
 
 @dataclass

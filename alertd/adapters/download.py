@@ -203,8 +203,9 @@ class HttpVideoFetcher:
                         f"body exceeds the limit of {self._max_bytes} bytes",
                     )
                 digest.update(chunk)
-                # A write of one received chunk (at most the socket's read
-                # buffer) to a local file takes microseconds; no executor needed.
+                # A chunk is what was buffered (~128 KiB at most, the read
+                # pauses above that); writing it to a local file takes
+                # microseconds, no executor needed.
                 try:
                     _write_all(fd, chunk)
                 except OSError as exc:

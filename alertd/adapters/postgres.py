@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import math
 import select
@@ -121,9 +123,10 @@ def _looks_alive(conn: AsyncConnection[TupleRow]) -> bool:
     The server ends a connection (terminated backend, restart, idle timeout)
     by sending an error and closing, which makes the socket readable; an idle
     healthy one has nothing to say (alertd never LISTENs). Anything readable,
-    or no socket at all, gets the full check. A silently vanished server is
-    not seen here nor by the full check: TCP keepalives and the user timeout
-    bound that case.
+    or no socket at all, gets the full check. A peer that vanished without a
+    word (a failover that moved the address, a middlebox that lost its state)
+    is only found by the query that uses the connection: ``_connection`` then
+    sweeps the idle ones in the background.
     """
     if conn.closed or conn.broken:
         return False
@@ -165,6 +168,7 @@ class PostgresStore:
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
+        self._sweep: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
@@ -174,7 +178,22 @@ class PostgresStore:
             async with self._pool.connection() as conn:
                 yield conn
         except _UNAVAILABLE as exc:
+            self._sweep_idle_soon()
             raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
+
+    def _sweep_idle_soon(self) -> None:
+        """Check the idle connections (in the background, one sweep at a time).
+
+        A connection that failed in use may have died with its siblings
+        (failover, restart); the checkout check cannot see every such death
+        without a round trip, so the sweep does, once, after a failure.
+        """
+        if self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.create_task(self._check_idle())
+
+    async def _check_idle(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._pool.check()
 
     async def check_schema(self) -> None:
         """Raise ``ConfigError`` unless the schema is at ``SCHEMA_VERSION``."""
@@ -247,8 +266,10 @@ class PostgresStore:
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         # One statement per batch: atomic under autocommit, one round trip.
-        # A row claimed twice (never in one dispatcher's batch) would update
-        # once and get two attempts numbered alike, so such batches are split.
+        # A row twice in one batch (a dispatcher that claimed it again after
+        # its lease ran out while the first result waited to be written) would
+        # update once and get two attempts numbered alike, so such a batch is
+        # written in several statements.
         for group in _distinct_rows(attempts):
             columns = _attempt_columns(group)
             async with self._connection() as conn:
@@ -293,15 +314,18 @@ class PostgresStore:
 
 
 def _distinct_rows(attempts: Sequence[AttemptRecord]) -> list[list[AttemptRecord]]:
-    groups: list[list[AttemptRecord]] = []
+    """The attempts in groups where no row appears twice, in order."""
+    groups: list[tuple[set[int], list[AttemptRecord]]] = []
     for record in attempts:
-        for group in groups:
-            if all(r.delivery.delivery_id != record.delivery.delivery_id for r in group):
+        row = record.delivery.delivery_id
+        for ids, group in groups:
+            if row not in ids:
+                ids.add(row)
                 group.append(record)
                 break
         else:
-            groups.append([record])
-    return groups
+            groups.append(({row}, [record]))
+    return [group for _, group in groups]
 
 
 def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
@@ -313,7 +337,9 @@ def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
         columns["ids"].append(record.delivery.delivery_id)
         columns["statuses"].append(status)
         columns["next_at"].append(record.next_attempt_at if status == "pending" else None)
-        columns["errors"].append(record.result.error)
+        # PostgreSQL text cannot hold NUL; an error text is ours, but may quote a peer.
+        error = record.result.error
+        columns["errors"].append(error.replace("\x00", "") if error else error)
         columns["codes"].append(record.result.status_code)
         columns["durations"].append(round(record.result.duration_s * 1000))
         # The attempt's number when its row was already ended by someone else.

@@ -408,8 +408,14 @@ async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
                        gone.delivery_id: [1], late.delivery_id: [1, 1]}
 
 
-async def test_an_empty_batch_of_attempts_touches_nothing(store: PostgresStore) -> None:
+async def test_an_empty_batch_of_attempts_touches_nothing(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
     await store.record_attempts([])
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_attempts") == [(0,)]
+    assert await fetch(fresh_db, "SELECT status, attempts FROM webhook_outbox") == [
+        ("pending", 0)]
 
 
 # --- operator queries ---------------------------------------------------------------------
@@ -564,6 +570,43 @@ async def test_a_healthy_connection_is_checked_out_without_a_round_trip(fresh_db
                            "WHERE application_name = %s", (app,)) == [("SELECT 'marker'",)]
     finally:
         await pool.close()
+
+
+async def test_a_connection_that_fails_in_use_gets_the_idle_ones_checked_at_once(
+    store: PostgresStore, pool: Pool, fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The checkout check cannot see an idle connection that died silently
+    # (a failover); one that failed in use is the hint, and the idle ones
+    # are checked then rather than one failed query each.
+    checks: list[float] = []
+    real_check = pool.check
+
+    async def spy() -> None:
+        checks.append(asyncio.get_running_loop().time())
+        await real_check()
+    monkeypatch.setattr(pool, "check", spy)
+
+    async def long_query() -> None:
+        async with store._connection() as conn:
+            await conn.execute("SELECT pg_sleep(30)")
+    task = asyncio.create_task(long_query())
+    sleeping: list[tuple[Any, ...]] = []
+    for _ in range(100):
+        sleeping = await fetch(fresh_db, """
+            SELECT pid FROM pg_stat_activity WHERE application_name = %s
+            AND query LIKE 'SELECT pg_sleep%%'""", (APP,))
+        if sleeping:
+            break
+        await asyncio.sleep(0.05)
+    await fetch(fresh_db, "SELECT pg_terminate_backend(%s, 5000)", sleeping[0])
+    with pytest.raises(StoreUnavailable):
+        await task
+    for _ in range(50):
+        if checks:
+            break
+        await asyncio.sleep(0.02)
+    assert len(checks) == 1
+    assert await store.recorded_fingerprint("x") is None  # the store works on
 
 
 async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and_commits_nothing(

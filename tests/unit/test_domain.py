@@ -7,7 +7,7 @@ import datetime as dt
 import orjson
 import pytest
 
-from alertd.domain import MAX_BODY_BYTES, format_time, parse_alert
+from alertd.domain import MAX_BODY_BYTES, MAX_JSON_DEPTH, format_time, parse_alert
 from alertd.errors import InvalidMessage
 
 
@@ -73,6 +73,21 @@ def test_deeply_nested_attributes_are_refused_without_recursion() -> None:
         nested = {"a": nested}
     with pytest.raises(InvalidMessage, match="too_deep"):
         parse({**GOOD, "attributes": nested})
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH - 2, MAX_JSON_DEPTH - 1])
+def test_nesting_is_refused_exactly_past_the_depth_limit(levels: int) -> None:
+    # The body is 1 level, attributes 1 more, each nested object 1, the leaf 1:
+    # MAX_JSON_DEPTH - 2 nested objects reach the limit, one more passes it.
+    nested: object = 1
+    for _ in range(levels):
+        nested = {"a": nested}
+    body = {**GOOD, "attributes": nested}
+    if levels + 2 > MAX_JSON_DEPTH:
+        with pytest.raises(InvalidMessage, match="too_deep"):
+            parse(body)
+    else:
+        assert parse(body).attributes == nested
 
 
 def test_the_default_webhook_url_makes_webhook_url_optional() -> None:

@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 from collections.abc import Collection, Sequence
 
+import pytest
+
 from alertd.errors import StoreUnavailable
 from alertd.outbox import BACKOFF_MAX_S, OutboxDispatcher, next_attempt_delay
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
@@ -182,3 +184,48 @@ async def test_a_refused_write_of_attempts_leaves_the_rows_to_their_lease_and_go
     dispatcher.stop()
     await asyncio.wait_for(task, 5)
     assert outbox.finished == {2: "delivered"}
+
+
+class BrokenOutbox(InMemoryOutbox):
+    """Fails to record attempts with a bug (not an outage)."""
+
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        raise ValueError("a bug in the store")
+
+
+async def test_a_recorder_bug_stops_the_dispatcher_loudly_instead_of_resending_forever(
+) -> None:
+    outbox = BrokenOutbox([delivery(1)])
+    sender = GatedSender()
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=0.05)
+    with pytest.raises(ValueError, match="a bug in the store"):
+        await asyncio.wait_for(dispatcher.run(), 5)
+    assert sender.sent == ["msg_1"]
+
+
+class RaisingSender:
+    async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
+        raise KeyError("a bug in the sender")
+
+
+async def test_a_sender_bug_is_recorded_as_a_failed_attempt_so_the_row_backs_off() -> None:
+    outbox = InMemoryOutbox([delivery(1)])
+    await run_until(dispatcher_for(outbox, RaisingSender()))  # type: ignore[arg-type]
+    [(_, result, next_at)] = outbox.attempts
+    assert not result.ok and result.error == "internal_error: KeyError"
+    assert next_at is not None  # retried later, with backoff, up to max attempts
+
+
+async def test_cancelled_the_dispatcher_leaves_no_delivery_running() -> None:
+    outbox = InMemoryOutbox([delivery(1), delivery(2)])
+    sender = GatedSender(held={"msg_1", "msg_2"})
+    dispatcher = dispatcher_for(outbox, sender)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.05)
+    in_flight = list(dispatcher._in_flight)
+    assert len(in_flight) == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(t.done() for t in in_flight)
+    assert outbox.finished == {}  # unrecorded: their leases run out, same webhook-id
