@@ -101,12 +101,17 @@ class Recording:
                 proc.kill()
                 proc.wait(10)
             log = out.with_suffix(".log")
-            if out.is_file() and out.stat().st_size > 0:
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            idle = proc.returncode == 0 and "Samples: 0 " in text
+            if idle:
+                # Recorded, but the process never ran in the window (an idle
+                # master over a short one): an empty profile, not a failure.
+                out.write_bytes(b"")
+            if idle or (out.is_file() and out.stat().st_size > 0):
                 written[target.role] = str(out.relative_to(self.plan.directory.parent))
                 log.unlink(missing_ok=True)
             else:
-                tail = log.read_text(errors="replace").strip().splitlines()[-1:] \
-                    if log.is_file() else []
+                tail = text.strip().splitlines()[-1:]
                 self.problems.append(f"py-spy on {target.role} pid {target.pid} wrote nothing "
                                      f"(exit {proc.returncode}): {' '.join(tail)}")
         return written
