@@ -22,6 +22,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from loadkit.clips import SIZES, make_clips  # noqa: E402
+from loadkit.stack import free_port  # noqa: E402
 
 from alertd.adapters.download import HttpVideoFetcher  # noqa: E402
 from alertd.adapters.postgres import PostgresStore, open_pool  # noqa: E402
@@ -98,7 +100,12 @@ async def timed(step: str, calls: int, call: Callable[[int], Awaitable[object]],
     before = cpu_of(pids())
     for i in range(calls):
         await call(warmup + i)
-    after = cpu_of(pids())
+    return per_call(step, calls, before, cpu_of(pids()))
+
+
+def per_call(step: str, calls: int, before: tuple[float, float],
+             after: tuple[float, float]) -> Row:
+    calls = max(1, calls)
     return Row(step, calls, 1000 * (after[0] - before[0]) / calls,
                1000 * (after[1] - before[1]) / calls)
 
@@ -110,7 +117,6 @@ def server(port: int, clip: Path) -> Iterator[None]:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                import socket
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
@@ -119,13 +125,6 @@ def server(port: int, clip: Path) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def measure(clip: Path, port: int, dsn: str, calls: int) -> list[Row]:
@@ -216,10 +215,8 @@ async def _store_and_webhook(dsn: str, port: int, calls: int) -> list[Row]:
         before = cpu_of()
         while batch := await store.claim_due(16, 60):
             claimed.extend(batch)
-        after = cpu_of()
-        n = max(1, len(claimed))
-        rows.append(Row("outbox: claim (16 per statement)", n,
-                        1000 * (after[0] - before[0]) / n, 1000 * (after[1] - before[1]) / n))
+        rows.append(per_call("outbox: claim (16 per statement)", len(claimed), before,
+                             cpu_of()))
         results: list[DeliveryResult] = []
 
         async def deliver(i: int) -> None:
@@ -230,10 +227,8 @@ async def _store_and_webhook(dsn: str, port: int, calls: int) -> list[Row]:
         before = cpu_of()
         for at in range(0, len(records), 8):
             await store.record_attempts(records[at:at + 8])
-        after = cpu_of()
-        n = max(1, len(records))
-        rows.append(Row("outbox: record attempts (8 per statement)", n,
-                        1000 * (after[0] - before[0]) / n, 1000 * (after[1] - before[1]) / n))
+        rows.append(per_call("outbox: record attempts (8 per statement)", len(records),
+                             before, cpu_of()))
         return rows
     finally:
         await sender.close()

@@ -258,12 +258,6 @@ class PostgresStore:
         ]
         return sorted(deliveries, key=lambda d: d.delivery_id)
 
-    async def record_attempt(
-        self, delivery: PendingDelivery, result: DeliveryResult,
-        *, next_attempt_at: dt.datetime | None,
-    ) -> None:
-        await self.record_attempts([AttemptRecord(delivery, result, next_attempt_at)])
-
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         # One statement per batch: atomic under autocommit, one round trip.
         # A row twice in one batch (a dispatcher that claimed it again after

@@ -18,12 +18,11 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
 
 from alertd import bootstrap
 from alertd.config import Settings
 from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent
-from alertd.ports import DeliveryResult, PendingDelivery
+from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from tests.fakes import VIDEO_METADATA
 
 VIDEO = DownloadedVideo("/nonexistent/alertd-noop.mp4", 20_000, "0" * 64)
@@ -75,13 +74,8 @@ class NoopStore:
     async def count_pending(self) -> int:
         return 0
 
-    # Never reached (nothing is claimed); both spellings, for either outbox port.
-    async def record_attempt(self, delivery: PendingDelivery, result: DeliveryResult,
-                             *, next_attempt_at: Any) -> None:
-        return None
-
-    async def record_attempts(self, attempts: Sequence[Any]) -> None:
-        return None
+    async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
+        return None  # never reached: nothing is claimed
 
 
 class NoopSender:

@@ -13,7 +13,7 @@ import pytest
 
 from alertd.adapters.postgres import PostgresStore, open_pool
 from alertd.domain import Alert, Outcome, webhook_event
-from alertd.ports import DeliveryResult
+from alertd.ports import AttemptRecord, DeliveryResult
 from tests.e2e.harness import outbox, publish, queue_counts
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
@@ -91,10 +91,10 @@ async def test_outbox_list_and_retry_show_and_requeue_undelivered_webhooks(fresh
                                processed_at=now)
         assert await store.record_outcome(outcome, webhook_event(outcome, default_url=None))
     [first, second] = await store.claim_due(10, 60)
-    await store.record_attempt(first, DeliveryResult(ok=True, status_code=200),
-                               next_attempt_at=None)
-    await store.record_attempt(second, DeliveryResult(ok=False, status_code=500, error="boom"),
-                               next_attempt_at=None)
+    await store.record_attempts([
+        AttemptRecord(first, DeliveryResult(ok=True, status_code=200), None)])
+    await store.record_attempts([
+        AttemptRecord(second, DeliveryResult(ok=False, status_code=500, error="boom"), None)])
     await pool.close()
 
     listed = alertd("outbox", "list", "--json", "--dsn", fresh_db)

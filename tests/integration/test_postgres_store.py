@@ -285,7 +285,7 @@ async def test_a_claimed_row_is_reclaimed_only_after_its_lease_expires(
     assert await store.claim_due(10, lease_s=1.0) == first
 
 
-# --- record_attempt -----------------------------------------------------------------------
+# --- record_attempts ----------------------------------------------------------------------
 
 
 OUTBOX_STATE = """
@@ -302,7 +302,7 @@ async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
     result = DeliveryResult(ok=True, status_code=204, duration_s=0.0421)
-    await store.record_attempt(delivery, result, next_attempt_at=None)
+    await store.record_attempts([AttemptRecord(delivery, result, None)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("delivered", 1, None, 204, True)]
     assert await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,)) == [(1, 204, None, 42)]
@@ -313,7 +313,7 @@ async def test_a_410_attempt_ends_the_row_as_gone(store: PostgresStore, fresh_db
     delivery = await claim_one(store)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     result = DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True)
-    await store.record_attempt(delivery, result, next_attempt_at=later)
+    await store.record_attempts([AttemptRecord(delivery, result, later)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("gone", 1, "HTTP 410", 410, False)]
 
@@ -324,7 +324,7 @@ async def test_a_failed_attempt_without_a_next_time_ends_the_row_as_failed(
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
     result = DeliveryResult(ok=False, status_code=503, error="HTTP 503", duration_s=1.5)
-    await store.record_attempt(delivery, result, next_attempt_at=None)
+    await store.record_attempts([AttemptRecord(delivery, result, None)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("failed", 1, "HTTP 503", 503, False)]
     assert await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,)) == [(1, 503, "HTTP 503", 1500)]
@@ -336,7 +336,7 @@ async def test_a_permanent_failure_ends_the_row_even_when_a_next_time_is_given(
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
     result = DeliveryResult(ok=False, error="forbidden_address", permanent=True)
-    await store.record_attempt(delivery, result, next_attempt_at=dt.datetime.now(dt.UTC))
+    await store.record_attempts([AttemptRecord(delivery, result, dt.datetime.now(dt.UTC))])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("failed", 1, "forbidden_address", None, False)]
 
@@ -348,7 +348,7 @@ async def test_a_failed_attempt_with_a_next_time_stays_pending_until_then(
     delivery = await claim_one(store)
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     result = DeliveryResult(ok=False, status_code=500, error="HTTP 500")
-    await store.record_attempt(delivery, result, next_attempt_at=soon)
+    await store.record_attempts([AttemptRecord(delivery, result, soon)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("pending", 1, "HTTP 500", 500, False)]
     assert await fetch(fresh_db, "SELECT next_attempt_at FROM webhook_outbox") == [(soon,)]
@@ -357,8 +357,8 @@ async def test_a_failed_attempt_with_a_next_time_stays_pending_until_then(
     retried = await claim_one(store)
     assert (retried.webhook_id, retried.body, retried.attempts) == (
         delivery.webhook_id, delivery.body, 1)
-    await store.record_attempt(retried, DeliveryResult(ok=True, status_code=200),
-                               next_attempt_at=None)
+    await store.record_attempts([
+        AttemptRecord(retried, DeliveryResult(ok=True, status_code=200), None)])
     assert [r[0] for r in await fetch(fresh_db, ATTEMPTS, (delivery.delivery_id,))] == [1, 2]
 
 
@@ -367,11 +367,11 @@ async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it
 ) -> None:
     await queue_webhooks(store, 1)
     stale = await claim_one(store)
-    await store.record_attempt(stale, DeliveryResult(ok=True, status_code=200),
-                               next_attempt_at=None)
+    await store.record_attempts([
+        AttemptRecord(stale, DeliveryResult(ok=True, status_code=200), None)])
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
-    await store.record_attempt(stale, DeliveryResult(ok=False, status_code=500),
-                               next_attempt_at=later)
+    await store.record_attempts([
+        AttemptRecord(stale, DeliveryResult(ok=False, status_code=500), later)])
     assert await fetch(fresh_db, OUTBOX_STATE, (stale.delivery_id,)) == [
         ("delivered", 1, None, 200, True)]
     assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
@@ -382,8 +382,8 @@ async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
 ) -> None:
     await queue_webhooks(store, 4)
     ok, retry, gone, late = await store.claim_due(10, lease_s=60)
-    await store.record_attempt(late, DeliveryResult(ok=True, status_code=200),
-                               next_attempt_at=None)
+    await store.record_attempts([
+        AttemptRecord(late, DeliveryResult(ok=True, status_code=200), None)])
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     await store.record_attempts([
         AttemptRecord(ok, DeliveryResult(ok=True, status_code=204, duration_s=0.01), None),
@@ -423,7 +423,7 @@ async def test_an_empty_batch_of_attempts_touches_nothing(
 
 async def end_one(store: PostgresStore, result: DeliveryResult) -> PendingDelivery:
     delivery = await claim_one(store)
-    await store.record_attempt(delivery, result, next_attempt_at=None)
+    await store.record_attempts([AttemptRecord(delivery, result, None)])
     return delivery
 
 
@@ -482,7 +482,7 @@ async def test_an_unreachable_database_raises_store_unavailable_from_every_call(
             store.recorded_fingerprint("a"),
             store.record_outcome(outcome, event_for(outcome)),
             store.claim_due(1, 30),
-            store.record_attempt(delivery, DeliveryResult(ok=True), next_attempt_at=None),
+            store.record_attempts([AttemptRecord(delivery, DeliveryResult(ok=True), None)]),
             store.list_undelivered(),
             store.check_schema(),
         ]

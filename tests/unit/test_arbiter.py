@@ -103,14 +103,19 @@ def test_crashes_in_a_row_back_off_and_a_recycled_child_is_replaced_at_once(
     assert len(arbiter.spawned) == 1  # type: ignore[attr-defined]
 
 
-def test_a_hup_replacement_that_crashes_waits_out_the_backoff_instead_of_fork_looping(
-    arbiter: Arbiter, kids: Kids,
-) -> None:
+def hup_with_one_consuming_child(arbiter: Arbiter, kids: Kids) -> tuple[ChildHandle, ChildHandle]:
+    """HUP with one consuming child: the old child and the replacement spawned for it."""
     old = kids.make(0, generation=0, state="consuming")
     arbiter.children[old.pid] = old
     arbiter.handle_hup()
     arbiter.manage_children()
-    new = arbiter.spawned[-1]  # type: ignore[attr-defined]
+    return old, arbiter.spawned[-1]  # type: ignore[attr-defined]
+
+
+def test_a_hup_replacement_that_crashes_waits_out_the_backoff_instead_of_fork_looping(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    old, new = hup_with_one_consuming_child(arbiter, kids)
     del arbiter.children[new.pid]  # it died at boot
     arbiter._on_exit(new, EXIT_CRASH)
     for _ in range(3):
@@ -126,11 +131,7 @@ def test_a_hup_replacement_that_crashes_waits_out_the_backoff_instead_of_fork_lo
 def test_a_hup_retires_the_old_child_only_once_its_successor_consumes(
     arbiter: Arbiter, kids: Kids,
 ) -> None:
-    old = kids.make(0, generation=0, state="consuming")
-    arbiter.children[old.pid] = old
-    arbiter.handle_hup()
-    arbiter.manage_children()
-    new = arbiter.spawned[-1]  # type: ignore[attr-defined]
+    old, new = hup_with_one_consuming_child(arbiter, kids)
     arbiter.manage_children()
     assert not old.retiring
     new.state = "consuming"

@@ -187,13 +187,18 @@ def test_a_hung_probe_is_killed_and_the_master_never_waits_for_it(
     assert selector.get_map() == {}  # the pipe is unregistered and closed
 
 
-def test_an_unreachable_broker_is_a_failed_sample_not_a_crash() -> None:
+def scaler_of_an_unreachable_broker(selector: selectors.BaseSelector) -> Autoscaler:
+    """An autoscaler whose broker address is a loopback port nobody listens on."""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
+    return Autoscaler(Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+                               autoscale=(1, 4)), selector)
+
+
+def test_an_unreachable_broker_is_a_failed_sample_not_a_crash() -> None:
     selector = selectors.DefaultSelector()
-    scaler = Autoscaler(Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F",
-                                 autoscale=(1, 4)), selector)
+    scaler = scaler_of_an_unreachable_broker(selector)
     try:
         run_until_answered(scaler, selector)
     finally:
@@ -266,12 +271,8 @@ def test_the_defaults_scale_with_the_interval() -> None:
 
 
 def test_a_finished_probe_leaves_the_selector_even_if_nobody_polls() -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
     selector = selectors.DefaultSelector()
-    scaler = Autoscaler(Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F",
-                                 autoscale=(1, 4)), selector)
+    scaler = scaler_of_an_unreachable_broker(selector)
     scaler.poll(time.monotonic(), 1, (0, 2), list)
     try:
         # A stopping master selects but no longer polls: the EOF must not keep it busy.
