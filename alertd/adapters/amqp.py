@@ -39,6 +39,7 @@ RECONNECT_FIRST_S = 0.5
 RECONNECT_MAX_S = 30.0
 REQUEUE_AFTER_REFUSAL_S = 1.0
 PUBLISH_CONFIRM_TIMEOUT_S = 15.0
+ACK_FLUSH_TIMEOUT_S = 5.0
 
 
 class PublishRefused(Exception):
@@ -53,6 +54,65 @@ AMQP_FAILURES = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidSt
 class ReconnectNeeded(Exception):
     """The connection looks open but cannot serve us (e.g. our consumer was cancelled)."""
 
+
+
+class AckBatcher:
+    """The acks of one consuming channel, sent together when slots finish together.
+
+    Slots that finish in the same pass of the event loop share one frame:
+    ``basic.ack(multiple=True)`` up to the highest finished tag that is below
+    every delivery still unsettled, then single acks for finished tags above
+    it. A multiple ack can only cover what is done because every delivery is
+    registered (:meth:`received`) before anything can ack, tags grow with
+    each delivery, and a nacked tag leaves the unsettled set only once its
+    nack is queued (:meth:`forget`), so no later frame overtakes it.
+
+    Frames are queued in order (one flush at a time) and not waited for: an
+    ack lost with its connection means a redelivery, deduplicated by alert
+    id, exactly as an ack lost in flight always did. :meth:`flush` before
+    closing the connection sends what is left.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._unsettled: set[int] = set()
+        self._done: list[int] = []
+        self._gathering = False
+        self._sending = asyncio.Lock()
+
+    def received(self, tag: int) -> None:
+        self._unsettled.add(tag)
+
+    def forget(self, tag: int) -> None:
+        """``tag`` was settled some other way (nack), its frame already queued."""
+        self._unsettled.discard(tag)
+
+    async def ack(self, tag: int) -> None:
+        self._unsettled.discard(tag)
+        self._done.append(tag)
+        if self._gathering:
+            return  # the slot gathering this pass's acks sends this one too
+        self._gathering = True
+        try:
+            await asyncio.sleep(0)  # one pass: the slots finishing with this one join in
+        finally:
+            self._gathering = False
+        await self.flush()
+
+    async def flush(self) -> None:
+        async with self._sending:
+            done, self._done = self._done, []
+            if not done:
+                return
+            floor = min(self._unsettled, default=None)
+            covered = done if floor is None else [tag for tag in done if tag < floor]
+            if covered:
+                await self.channel.basic_ack(max(covered), multiple=len(covered) > 1,
+                                             wait=False)
+            if len(covered) < len(done):
+                for tag in done:
+                    if floor is not None and tag > floor:
+                        await self.channel.basic_ack(tag, wait=False)
 
 
 def dlq_name(queue: str) -> str:
@@ -150,6 +210,7 @@ class AmqpConsumer:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._consumer_tag: str | None = None
+        self._acks: AckBatcher | None = None
 
     async def run(self) -> None:
         """Connect, consume, and reconnect with backoff until :meth:`stop_consuming`."""
@@ -185,6 +246,7 @@ class AmqpConsumer:
             channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             await declare_topology(channel, self._settings)
             await channel.basic_qos(prefetch_count=self._settings.concurrency)
+            self._acks = AckBatcher(channel)
             ok = await channel.basic_consume(self._settings.queue, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
         self.consuming.set()
@@ -217,6 +279,10 @@ class AmqpConsumer:
         # aiormq runs this callback in a task it cancels when the channel
         # closes; the work goes to a task of ours so a lost connection does
         # not cancel an alert halfway through a commit.
+        acks = self._acks
+        if acks is not None and acks.channel is message.channel:
+            assert message.delivery_tag is not None
+            acks.received(message.delivery_tag)
         task = asyncio.create_task(self._run_delivery(message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -273,9 +339,9 @@ class AmqpConsumer:
         try:
             match disposition:
                 case Ack():
-                    await channel.basic_ack(tag)
+                    await self._ack(message)
                 case Requeue():
-                    await channel.basic_nack(tag, requeue=True)
+                    await self._nack(message)
                 case DeadLetter(reason):
                     await self._republish(message, dlq_name(self._settings.queue), {
                         REASON_HEADER: reason,
@@ -304,7 +370,24 @@ class AmqpConsumer:
                       REQUEUE_AFTER_REFUSAL_S)
             await asyncio.sleep(REQUEUE_AFTER_REFUSAL_S)
             with contextlib.suppress(*AMQP_FAILURES):
-                await channel.basic_nack(tag, requeue=True)
+                await self._nack(message)
+
+    async def _ack(self, message: aiormq.abc.DeliveredMessage) -> None:
+        assert message.delivery_tag is not None
+        acks = self._acks
+        if acks is not None and acks.channel is message.channel:
+            await acks.ack(message.delivery_tag)
+        else:
+            await message.channel.basic_ack(message.delivery_tag)
+
+    async def _nack(self, message: aiormq.abc.DeliveredMessage) -> None:
+        assert message.delivery_tag is not None
+        try:
+            await message.channel.basic_nack(message.delivery_tag, requeue=True)
+        finally:
+            acks = self._acks
+            if acks is not None and acks.channel is message.channel:
+                acks.forget(message.delivery_tag)
 
     async def _republish(self, message: aiormq.abc.DeliveredMessage, queue: str,
                          headers: dict[str, Any]) -> None:
@@ -325,8 +408,7 @@ class AmqpConsumer:
             with contextlib.suppress(*AMQP_FAILURES):
                 await asyncio.wait_for(publisher.close(), 5)
             raise
-        assert message.delivery_tag is not None
-        await message.channel.basic_ack(message.delivery_tag)
+        await self._ack(message)
 
     async def _publisher_channel(self) -> aiormq.abc.AbstractChannel:
         """A confirm-mode channel for republishing, apart from the consuming one."""
@@ -361,8 +443,16 @@ class AmqpConsumer:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        acks, self._acks = self._acks, None
         self._publisher = None
         if connection is not None and not connection.is_closed:
+            if acks is not None and not acks.channel.is_closed:
+                # Acks are queued, not waited for: send them before the close
+                # frame, or their alerts come back as redeliveries.
+                with contextlib.suppress(*AMQP_FAILURES):
+                    async with asyncio.timeout(ACK_FLUSH_TIMEOUT_S):
+                        await acks.flush()
+                        await connection.write_queue.join()
             with contextlib.suppress(*AMQP_FAILURES):
                 await asyncio.wait_for(connection.close(), 5)
 

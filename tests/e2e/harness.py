@@ -54,6 +54,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
+async def eventually(condition: Callable[[], object], within_s: float = 5.0,
+                     what: str = "condition") -> None:
+    """Poll ``condition`` from a coroutine until true, or fail the test with ``what``.
+
+    For states with no event to wait on: a file appearing, a broker redelivering.
+    """
+    for _ in range(int(within_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out after {within_s:g}s waiting for {what}")
+
+
 class SlowClipServer(ClipServer):
     """A ClipServer whose ``/slow/<name>?delay=S`` waits S seconds before sending the clip."""
 

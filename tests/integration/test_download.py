@@ -9,7 +9,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from alertd.adapters import download
 from alertd.adapters.download import HttpVideoFetcher
 from alertd.errors import ErrorCode, PermanentError, ProcessingError, TransientError
 from alertd.netguard import AddressGuard
+from tests.e2e.harness import eventually
 from tests.servers import ClipServer, payload, sha256_of
 
 # Loopback as the servers use it; ::1 too since "localhost" may resolve to it.
@@ -72,15 +73,6 @@ async def download_error(fetcher: HttpVideoFetcher, url: str) -> ProcessingError
 
 def exists(path: str) -> bool:
     return os.path.exists(path)
-
-
-async def eventually(condition: Callable[[], object], within_s: float = 5.0) -> None:
-    """Poll ``condition`` (a file appearing has no event to wait on) until true or fail."""
-    for _ in range(int(within_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("condition not met in time")
 
 
 def closed_port() -> int:
