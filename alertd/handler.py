@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -111,10 +112,24 @@ class AlertHandler:
             prober=self._prober,
             store=self._store,
             default_webhook_url=self._settings.webhook_url,
-            on_stage=lambda stage: self._stats.enter_stage(slot, stage),
+            on_stage=functools.partial(self._stats.enter_stage, slot),
             sleep=asyncio.sleep,
         )
         match decision:
+            # Most common first: a new outcome committed.
+            case Recorded(outcome, new=True):
+                code = str(outcome.failure.code) if outcome.failure else ""
+                self._stats.count("alerts", str(outcome.status), code)
+                if outcome.metadata is not None:
+                    self._stats.count("downloaded_bytes", by=int(outcome.metadata["size_bytes"]))
+                self._stats.observe("end_to_end", time.monotonic() - started)
+                self._on_committed()
+                return Ack()
+            case Recorded():  # new=False
+                # Processed twice at once (a redelivery raced the original):
+                # the other one's result was stored, this one's was dropped.
+                self._stats.count("duplicates")
+                return Ack()
             case ConflictingDuplicate():
                 self._stats.count("invalid", "duplicate_alert_id")
                 log.warning("dead-lettering alert %s: its id is stored for another request",
@@ -134,19 +149,6 @@ class AlertHandler:
                 return Retry(attempt.number + 1, delay,
                              int(attempt.received_at.timestamp() * 1000),
                              f"{failure.code}: {failure.message}")
-            case Recorded(outcome, new=False):
-                # Processed twice at once (a redelivery raced the original):
-                # the other one's result was stored, this one's was dropped.
-                self._stats.count("duplicates")
-                return Ack()
-            case Recorded(outcome):
-                code = str(outcome.failure.code) if outcome.failure else ""
-                self._stats.count("alerts", str(outcome.status), code)
-                if outcome.metadata is not None:
-                    self._stats.count("downloaded_bytes", by=int(outcome.metadata["size_bytes"]))
-                self._stats.observe("end_to_end", time.monotonic() - started)
-                self._on_committed()
-                return Ack()
 
 
 def _attempt_of(headers: Mapping[str, object], max_attempts: int) -> Attempt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from alertd.aggregate import Aggregate
@@ -99,8 +100,17 @@ def test_stage_time_observed_by_a_child_reaches_the_masters_histogram() -> None:
     slot = stats.open_slot()
     stats.enter_stage(slot, Stage.DOWNLOAD)
     stats.close_slot(slot)
-    agg.add(1, beat(stats))
+    # Through the pipe as a child sends it: orjson refuses keys that are not plain str.
+    agg.add(1, orjson.loads(orjson.dumps(beat(stats))))
     assert sum(agg.hist_counts[str(Stage.DOWNLOAD)]) == 1
+
+
+def test_a_busy_slots_stage_crosses_the_pipe_by_name() -> None:
+    stats = ChildStats()
+    slot = stats.open_slot()
+    stats.enter_stage(slot, Stage.PROBE)
+    snapshot = orjson.loads(orjson.dumps(stats.snapshot()))
+    assert [s["stage"] for s in snapshot["slots"]] == ["probe"]
 
 
 def test_cpu_seconds_include_probe_processes_and_never_go_back() -> None:
