@@ -140,7 +140,10 @@ def webhook_event(outcome: Outcome, *, default_url: str | None) -> WebhookEvent 
 def format_time(value: dt.datetime) -> str:
     """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
     # isoformat is C and ~5x faster than strftime; the offset of UTC is "+00:00".
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    # Times alertd makes are UTC already: astimezone is skipped for them.
+    if value.tzinfo is not dt.UTC:
+        value = value.astimezone(dt.UTC)
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:

@@ -98,3 +98,9 @@ def test_the_default_webhook_url_makes_webhook_url_optional() -> None:
 def test_times_are_formatted_rfc3339_utc_with_milliseconds() -> None:
     value = dt.datetime(2026, 1, 2, 4, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=1)))
     assert format_time(value) == "2026-01-02T03:04:05.123Z"
+
+
+def test_utc_times_format_the_same_with_or_without_the_shortcut() -> None:
+    value = dt.datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=dt.UTC)
+    as_fixed_offset = value.astimezone(dt.timezone(dt.timedelta(0)))  # UTC, not the singleton
+    assert format_time(value) == format_time(as_fixed_offset) == "2026-01-02T03:04:05.999Z"
