@@ -65,7 +65,7 @@ class AckBatcher:
     it. A multiple ack can only cover what is done because every delivery is
     registered (:meth:`received`) before anything can ack, tags grow with
     each delivery, and a nacked tag leaves the unsettled set only once its
-    nack is queued (:meth:`forget`), so no later frame overtakes it.
+    nack is queued (:meth:`nack`), so no later frame overtakes it.
 
     Frames are queued in order (one flush at a time) and not waited for: an
     ack lost with its connection means a redelivery, deduplicated by alert
@@ -83,8 +83,14 @@ class AckBatcher:
     def received(self, tag: int) -> None:
         self._unsettled.add(tag)
 
-    def forget(self, tag: int) -> None:
-        """``tag`` was settled some other way (nack), its frame already queued."""
+    async def nack(self, tag: int) -> None:
+        """Hand ``tag`` back to the broker (requeue).
+
+        It leaves the unsettled set only once its frame is queued: a nack
+        cancelled while waiting for room in the write queue was never sent,
+        and a multiple ack must not cover its delivery.
+        """
+        await self.channel.basic_nack(tag, requeue=True, wait=False)
         self._unsettled.discard(tag)
 
     async def ack(self, tag: int) -> None:
@@ -106,13 +112,21 @@ class AckBatcher:
                 return
             floor = min(self._unsettled, default=None)
             covered = done if floor is None else [tag for tag in done if tag < floor]
-            if covered:
-                await self.channel.basic_ack(max(covered), multiple=len(covered) > 1,
-                                             wait=False)
-            if len(covered) < len(done):
-                for tag in done:
-                    if floor is not None and tag > floor:
-                        await self.channel.basic_ack(tag, wait=False)
+            # With wait=False a basic_ack returns once its frame is queued and
+            # raises only before that: what is not sent goes back, so a
+            # cancelled flush loses no ack (and none is sent twice).
+            unsent = done
+            try:
+                if covered:
+                    await self.channel.basic_ack(max(covered), multiple=len(covered) > 1,
+                                                 wait=False)
+                    unsent = [tag for tag in done if floor is not None and tag > floor]
+                for tag in list(unsent):
+                    await self.channel.basic_ack(tag, wait=False)
+                    unsent.remove(tag)
+            except BaseException:
+                self._done[:0] = unsent
+                raise
 
 
 def dlq_name(queue: str) -> str:
@@ -382,12 +396,11 @@ class AmqpConsumer:
 
     async def _nack(self, message: aiormq.abc.DeliveredMessage) -> None:
         assert message.delivery_tag is not None
-        try:
+        acks = self._acks
+        if acks is not None and acks.channel is message.channel:
+            await acks.nack(message.delivery_tag)
+        else:
             await message.channel.basic_nack(message.delivery_tag, requeue=True)
-        finally:
-            acks = self._acks
-            if acks is not None and acks.channel is message.channel:
-                acks.forget(message.delivery_tag)
 
     async def _republish(self, message: aiormq.abc.DeliveredMessage, queue: str,
                          headers: dict[str, Any]) -> None:
