@@ -9,6 +9,7 @@ with confirms, a closed-loop window; a fast prefill), ``proctree`` (CPU and
 memory from /proc), ``metrics`` (alertd's /metrics), ``run`` (one measured
 run), ``noop`` and ``noopalertd`` (a run with adapters that do nothing),
 ``raw`` (the raw aiormq consumer), ``spyrecord`` and ``spy`` (py-spy during
-the window, and its summary), ``compare``, ``report``, ``plots`` and ``meta``
-(the results folder), ``main`` (the command line).
+the window, and its summary), ``spread`` (median and range of ``--repeat``'s
+runs), ``compare``, ``report``, ``plots`` and ``meta`` (the results folder),
+``main`` (the command line).
 """

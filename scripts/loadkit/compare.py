@@ -1,4 +1,9 @@
-"""Side-by-side figures: probers on the same configuration, alertd's no-op runs against raw."""
+"""Side-by-side figures: probers on the same configuration, alertd's no-op runs against raw.
+
+With ``--repeat`` each no-op run is paired with the raw run of the same
+repeat and prefetch (run right after it, see ``matrix.schedule``): medians
+per configuration, and the overhead of each pair for its range.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any
 
 from loadkit.raw import RawResult
 from loadkit.results import RunResult
+from loadkit.spread import Spread, overhead_pct
 
 
 @dataclass(frozen=True)
@@ -58,42 +64,91 @@ def _the_run(runs: list[RunResult], workers: int, concurrency: int,
 
 @dataclass(frozen=True)
 class Overhead:
-    """A no-op run's CPU per message against the raw consumer's."""
+    """One no-op configuration's CPU per message against the raw runs paired with its runs.
+
+    One run (no ``--repeat``): that run against its raw run. Several: the
+    medians, the overhead median against median, and the overhead of each
+    pair (no-op run i against raw run i) for its range.
+    """
 
     workers: int
     concurrency: int
-    alertd_ms_per_message: float
-    master_ms_per_message: float
-    raw_ms_per_message: float
     raw_prefetch: int
-    overhead_pct: float  # (alertd / raw - 1) x 100
+    alertd: Spread  # the no-op runs' CPU ms per message
+    master: Spread  # of it the master's
+    raw: Spread  # the raw runs' CPU ms per message, one per no-op run
+    pairs: Spread  # overhead % of each no-op run against its own raw run
+
+    @property
+    def overhead_pct(self) -> float:
+        return overhead_pct(self.alertd.median, self.raw.median)
 
     def line(self) -> str:
-        return (f"{self.workers} x {self.concurrency}: framework overhead: alertd "
-                f"{_num(self.alertd_ms_per_message, 3)} ms/msg vs raw "
-                f"{_num(self.raw_ms_per_message, 3)} ms/msg = {self.overhead_pct:+.0f}%")
+        head = f"{self.workers} x {self.concurrency}: framework overhead: alertd "
+        if max(self.alertd.n, self.raw.n) <= 1:
+            return (f"{head}{_num(self.alertd.median, 3)} ms/msg vs raw "
+                    f"{_num(self.raw.median, 3)} ms/msg = {self.overhead_pct:+.0f}%")
+        runs = (f"{self.alertd.n} runs" if self.alertd.n == self.raw.n
+                else f"{self.alertd.n} and {self.raw.n} runs")
+        return (f"{head}{_num(self.alertd.median, 3)} ms/msg ({self.alertd.span('.3f')}) "
+                f"vs raw {_num(self.raw.median, 3)} ms/msg ({self.raw.span('.3f')}), "
+                f"medians of {runs} = {self.overhead_pct:+.0f}% (per pair "
+                f"{self.pairs.span('+.0f', sep=' to ', unit='%')})")
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "line": self.line()}
+        return {"workers": self.workers, "concurrency": self.concurrency,
+                "alertd_ms_per_message": self.alertd.median,
+                "master_ms_per_message": self.master.median,
+                "raw_ms_per_message": self.raw.median, "raw_prefetch": self.raw_prefetch,
+                "overhead_pct": self.overhead_pct, "runs": self.alertd.n,
+                "raw_runs": self.raw.n,
+                "alertd_ms_per_message_range": [self.alertd.low, self.alertd.high],
+                "raw_ms_per_message_range": [self.raw.low, self.raw.high],
+                "pair_overhead_pcts": list(self.pairs.values), "line": self.line()}
 
 
 def raw_for(run: RunResult, raws: list[RawResult]) -> RawResult | None:
-    """The raw run with the run's prefetch (its concurrency), else the first one."""
-    same = [r for r in raws if r.prefetch == run.concurrency]
-    return same[0] if same else (raws[0] if raws else None)
+    """The raw run paired with ``run``: the one of its repeat with its prefetch (its concurrency).
+
+    Else that repeat's first (``--raw-prefetch``). Without ``--repeat`` every
+    run is repeat 1, so this is the raw run of its prefetch, else the first.
+    """
+    mine = [r for r in raws if r.repeat == run.repeat] or raws
+    same = [r for r in mine if r.prefetch == run.concurrency]
+    return same[0] if same else (mine[0] if mine else None)
 
 
 def framework_overhead(runs: list[RunResult], raws: list[RawResult]) -> list[Overhead]:
-    found = []
+    """Per no-op configuration (in run order), its runs against their raw runs (raw_for)."""
+    paired: dict[tuple[int, int], list[tuple[RunResult, RawResult]]] = {}
     for run in runs:
         raw = raw_for(run, raws)
         if run.adapters != "noop" or raw is None or not raw.cpu_ms_per_message:
             continue
-        found.append(Overhead(
-            run.workers, run.concurrency, run.cpu_ms_per_alert, run.master_ms_per_alert,
-            raw.cpu_ms_per_message, raw.prefetch,
-            100 * (run.cpu_ms_per_alert / raw.cpu_ms_per_message - 1)))
-    return found
+        paired.setdefault((run.workers, run.concurrency), []).append((run, raw))
+    return [Overhead(
+        workers, concurrency, raw_prefetch=pairs[0][1].prefetch,
+        alertd=Spread.of(run.cpu_ms_per_alert for run, _ in pairs),
+        master=Spread.of(run.master_ms_per_alert for run, _ in pairs),
+        raw=Spread.of(raw.cpu_ms_per_message for _, raw in pairs),
+        pairs=Spread.of(overhead_pct(run.cpu_ms_per_alert, raw.cpu_ms_per_message)
+                        for run, raw in pairs))
+        for (workers, concurrency), pairs in paired.items()]
+
+
+def noop_medians(runs: list[RunResult]) -> list[str]:
+    """--repeat without raw runs: per no-op configuration, its CPU ms/msg's median and range."""
+    found: dict[tuple[int, int], list[float]] = {}
+    for run in runs:
+        if run.adapters == "noop":
+            found.setdefault((run.workers, run.concurrency), []).append(run.cpu_ms_per_alert)
+    lines = []
+    for (workers, concurrency), values in found.items():
+        cpu = Spread.of(values)
+        if len(values) > 1:
+            lines.append(f"{workers} x {concurrency}: alertd {_num(cpu.median, 3)} ms/msg "
+                         f"({cpu.span('.3f')}), median of {cpu.n} runs")
+    return lines
 
 
 def fill_cpu_x_raw(runs: list[RunResult], raws: list[RawResult]) -> None:
@@ -105,3 +160,4 @@ def fill_cpu_x_raw(runs: list[RunResult], raws: list[RawResult]) -> None:
 
 def _num(value: float, digits: int = 1) -> str:
     return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
+

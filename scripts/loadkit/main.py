@@ -1,4 +1,8 @@
-"""The command line: a (workers x concurrency) matrix of measured runs, then the results folder."""
+"""The command line: a (workers x concurrency) matrix of measured runs, then the results folder.
+
+With ``--noop-adapters`` the runs are no-op ones, and with ``--compare-raw`` the raw
+consumer's; ``--repeat`` measures both several times, interleaved (``matrix.schedule``).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,15 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from loadkit import plots, report, spy
 from loadkit.clips import SIZES, make_clips
-from loadkit.compare import fill_cpu_x_raw, framework_overhead, prober_comparisons
-from loadkit.matrix import PROBERS, SMOKE_NOOP, axis, plans, probers_of
+from loadkit.compare import fill_cpu_x_raw, framework_overhead, noop_medians, prober_comparisons
+from loadkit.matrix import PROBERS, SMOKE_NOOP, RawPlan, probers_of, schedule
 from loadkit.meta import run_meta
 from loadkit.noop import execute_noop
 from loadkit.profiles import PROFILES, Profile, with_overrides
@@ -71,7 +76,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compare-raw", action="store_true",
                    help="also time a bare aiormq consumer on the same number of messages")
     p.add_argument("--raw-prefetch", type=int, help="default: each concurrency of the no-op "
-                   "runs (one raw run each), else the largest --concurrency")
+                   "runs (one raw run each, per repeat), else the largest --concurrency")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help=(
+        "measure each no-op configuration N times, and with --compare-raw the raw consumer "
+        "as often, interleaved (alertd, raw, alertd, raw, ... for one prefetch) so that "
+        "drift hits both alike; summary and report.md give medians, min-max ranges and the "
+        "per-pair overhead range, results.csv and results.json every run (field repeat); "
+        "--noop-adapters only (default 1)"))
     p.add_argument("--clips", help=f"clip sizes served round-robin ({', '.join(SIZES)})")
     p.add_argument("--clip-latency-ms", type=float)
     p.add_argument("--clip-jitter-ms", type=float)
@@ -110,6 +121,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(str(exc))
     if args.py_spy is not None and args.py_spy <= 0:
         p.error("--py-spy takes a number of seconds > 0")
+    if args.repeat < 1:
+        p.error("--repeat takes a number of runs >= 1")
+    if args.repeat > 1 and not args.noop_adapters:
+        p.error("--repeat repeats the no-op and raw runs: use it with --noop-adapters")
     args.compare_raw = args.compare_raw or args.smoke
     return args
 
@@ -156,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="alertd-lt-"))
     make_clips(args.clips_dir, profile.clips)  # before the first run, so errors come early
     meta = run_meta(args, profile)  # the commit as it is when the runs start
-    todo = plans(args)
+    todo = schedule(args)
+    runs = [step for step in todo if isinstance(step, RunPlan)]
+    repeats = "" if args.repeat == 1 else f" ({args.repeat} of each configuration" + (
+        f", interleaved with {len(todo) - len(runs)} raw runs)" if args.compare_raw else ")")
     print(f"alertd load test, profile {profile.name}: {profile.describe()}\n"
-          f"{len(todo)} runs: workers {args.workers} x concurrency {args.concurrency}, "
-          f"{args.alerts} {'messages' if args.noop_adapters else 'alerts'} per run, "
-          f"prober {meta['prober']}; results in {out}", flush=True)
+          f"{len(runs)} runs{repeats}: workers {args.workers} x concurrency "
+          f"{args.concurrency}, {args.alerts} {'messages' if args.noop_adapters else 'alerts'} "
+          f"per run, prober {meta['prober']}; results in {out}", flush=True)
     try:
         return _run_all(args, profile, todo, out=out, session=session, workdir=workdir,
                         meta=meta)
@@ -169,20 +187,24 @@ def main(argv: list[str] | None = None) -> int:
             workdir.rmdir()  # interrupted before any log was written
 
 
-def _run_all(args: argparse.Namespace, profile: Profile, todo: list[RunPlan], *, out: Path,
-             session: str, workdir: Path, meta: dict[str, Any]) -> int:
+def _run_all(args: argparse.Namespace, profile: Profile, todo: list[RunPlan | RawPlan], *,
+             out: Path, session: str, workdir: Path, meta: dict[str, Any]) -> int:
     clips = make_clips(args.clips_dir, profile.clips)
     spying = SpyPlan(args.py_spy, out / "pyspy") if args.py_spy else None
     runs: list[RunResult] = []
     raws: list[RawResult] = []
     with ServerThread(LoadClipServer(clips, profile), LoadSink(profile)) as servers:
-        noop = [p for p in todo if p.adapters == "noop"]
+        noop = [p for p in todo if isinstance(p, RunPlan) and p.adapters == "noop"]
         bodies = alert_bodies(f"{session}-m", max([p.alerts for p in noop] or [args.alerts]),
                               video_url=servers.clip_url(profile.clips[0]),
                               webhook_url=servers.hook_url())
         for plan in todo:
-            waited = wait_for_quiet(args.wait_load, args.wait_load_between if runs
+            waited = wait_for_quiet(args.wait_load, args.wait_load_between if runs or raws
                                     else args.wait_load_max)
+            if isinstance(plan, RawPlan):
+                # The no-op runs' own bodies (matrix.raw_prefetches: at which prefetch).
+                raws.append(_raw(session, bodies, plan, repeats=args.repeat))
+                continue
             load_start = loadavg()
             if plan.adapters == "noop":
                 result = execute_noop(plan, profile.name, workdir, session,
@@ -192,18 +214,11 @@ def _run_all(args: argparse.Namespace, profile: Profile, todo: list[RunPlan], *,
             result.load_start, result.load_end = load_start, loadavg()
             result.waited_for_load_s = round(waited, 1)
             runs.append(result)
-            _print_run(plan, result)
-        if args.compare_raw:
-            # The no-op runs' own bodies, at the prefetch of each of their concurrencies.
-            prefetches = ([args.raw_prefetch] if args.raw_prefetch else
-                          sorted({p.concurrency for p in noop}) or [max(axis(args.concurrency))])
-            for prefetch in prefetches:
-                wait_for_quiet(args.wait_load, args.wait_load_between)
-                raws.append(_raw(session, bodies, prefetch))
+            _print_run(plan, result, repeats=args.repeat)
     return _finish(args, profile, runs, raws, out=out, workdir=workdir, meta=meta)
 
 
-def _print_run(plan: RunPlan, result: RunResult) -> None:
+def _print_run(plan: RunPlan, result: RunResult, *, repeats: int) -> None:
     if plan.adapters == "noop":
         figures = (f"{result.alerts_per_s:.0f} messages/s, {result.cpu_ms_per_alert:.3f} CPU "
                    f"ms/message (master {result.master_ms_per_alert:.3f}), paused "
@@ -211,7 +226,8 @@ def _print_run(plan: RunPlan, result: RunResult) -> None:
     else:
         figures = (f"{result.alerts_per_s:.1f} alerts/s, p99 {result.latency_p99_ms:.0f} ms, "
                    f"{result.cpu_ms_per_alert:.2f} CPU ms/alert")
-    print(f"  {plan.label}: {figures}, {result.status}, consistent={result.consistent} "
+    print(f"  {plan.label}{_nth(plan.repeat, repeats)}: {figures}, {result.status}, "
+          f"consistent={result.consistent} "
           f"(load {result.load_start} -> {result.load_end})", flush=True)
     for problem in result.checks:
         print(f"    consistency: {problem}", flush=True)
@@ -228,8 +244,9 @@ def _finish(args: argparse.Namespace, profile: Profile, runs: list[RunResult],
     figures = plots.draw_all(runs, raws, out, f"{profile.name} ({meta['prober']})")
     report.write_all(out, meta, runs, raws=raws, rec=rec, figures=figures,
                      probers=comparisons, overheads=overheads)
-    spied = [(label(r, prober=True), [(role, out / path) for role, path in
-                                      r.py_spy_files.items()]) for r in runs if r.py_spy_files]
+    spied = [(label(r, prober=True) + _nth(r.repeat, args.repeat),
+              [(role, out / path) for role, path in r.py_spy_files.items()])
+             for r in runs if r.py_spy_files]
     if spied:
         spy.write_profile(out / "profile.md", spied, rate_hz=RATE_HZ, note=(
             f"py-spy record --rate {RATE_HZ} --nonblocking for {args.py_spy:g} s from the "
@@ -237,7 +254,8 @@ def _finish(args: argparse.Namespace, profile: Profile, runs: list[RunResult],
             "of the samples where the process was running Python. Stages: see "
             "scripts/loadkit/spy.py."))
     print("\n" + "\n".join(f"- {line}" for line in [
-        *(c.line() for c in comparisons), *(o.line() for o in overheads), *rec.reasoning]))
+        *(c.line() for c in comparisons),
+        *([o.line() for o in overheads] or noop_medians(runs)), *rec.reasoning]))
     ok = all(r.ok for r in runs)
     print(f"\nreport: {out / 'report.md'}" + ("" if ok else "\nFAILED: a run failed or its "
           "counts disagree with alertd's /metrics (see the report)"), flush=True)
@@ -248,12 +266,19 @@ def _finish(args: argparse.Namespace, profile: Profile, runs: list[RunResult],
     return 0 if ok else 1
 
 
-def _raw(session: str, bodies: list[bytes], prefetch: int) -> RawResult:
-    with Environment(f"{session}-raw-{prefetch}", with_database=False) as env:
-        raw = measure_raw(env.amqp_url, bodies, prefetch)
-    print(f"  raw aiormq consumer, prefetch {prefetch}: {raw.per_s:.0f} messages/s, "
-          f"{raw.cpu_ms_per_message:.3f} CPU ms/message", flush=True)
+def _raw(session: str, bodies: list[bytes], plan: RawPlan, *, repeats: int) -> RawResult:
+    tag = f"{session}-raw-{plan.prefetch}" + (f"-r{plan.repeat}" if plan.repeat > 1 else "")
+    with Environment(tag, with_database=False) as env:
+        raw = replace(measure_raw(env.amqp_url, bodies, plan.prefetch), repeat=plan.repeat)
+    print(f"  raw aiormq consumer, prefetch {plan.prefetch}{_nth(plan.repeat, repeats)}: "
+          f"{raw.per_s:.0f} messages/s, {raw.cpu_ms_per_message:.3f} CPU ms/message",
+          flush=True)
     return raw
+
+
+def _nth(repeat: int, repeats: int) -> str:
+    """", repeat 2/5" with --repeat, else nothing (the output is as it was before --repeat)."""
+    return f", repeat {repeat}/{repeats}" if repeats > 1 else ""
 
 
 def _exit_on_term(signum: int, frame: FrameType | None) -> None:

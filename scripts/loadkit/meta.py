@@ -40,7 +40,7 @@ def run_meta(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
         "probers": [] if args.noop_adapters else list(args.probers),
         "noop_adapters": bool(args.noop_adapters), "py_spy_s": args.py_spy,
         "profile": profile.as_dict(), "profile_text": profile.describe(),
-        "alerts": args.alerts, "duration_cap_s": args.duration_cap,
+        "alerts": args.alerts, "duration_cap_s": args.duration_cap, "repeat": args.repeat,
         "method": _method(args),
     }
 
@@ -74,6 +74,14 @@ def _method(args: argparse.Namespace) -> str:
             "every message as done, CPU is read again. alertd runs with `--log-level "
             "warning`, an AMQP heartbeat of 120 s and `--heartbeat-timeout 600` (so the "
             "pause is nobody's failure), and is stopped with TERM.")
+    if args.repeat > 1:
+        text += f" Each configuration was measured {args.repeat} times, in rounds: " + (
+            "per raw prefetch, its no-op runs, then a raw run (round i's runs are paired with "
+            "raw run i), so that drift on the machine hits both alike. The tables list every "
+            "run; the framework overhead lines give medians, min-max ranges and the range of "
+            "the per-pair overheads." if args.compare_raw else
+            "per concurrency, its no-op runs. The tables list every run; the framework "
+            "overhead lines give medians and min-max ranges.")
     if args.py_spy:
         text += (f" py-spy recorded alertd's processes for {args.py_spy:g} s from the start "
                  "of each measured window (`--nonblocking`, 200 Hz; its own CPU shares the "

@@ -55,8 +55,10 @@ def execute_noop(plan: RunPlan, profile_name: str, workdir: Path, session: str, 
     result = results.RunResult(profile=profile_name, prober="noop", adapters="noop",
                                workers=plan.workers, concurrency=plan.concurrency,
                                slots=plan.slots, window=len(bodies),
-                               alerts_requested=len(bodies))
-    tag = f"{session}-noop-{plan.workers}x{plan.concurrency}"
+                               alerts_requested=len(bodies), repeat=plan.repeat)
+    # Repeats get their own vhost and log; the first keeps the name it had before --repeat.
+    tag = (f"{session}-noop-{plan.workers}x{plan.concurrency}"
+           + (f"-r{plan.repeat}" if plan.repeat > 1 else ""))
     left = 0
     with Environment(tag, with_database=False) as env:
         url = str(URL(env.amqp_url).update_query(heartbeat=NOOP_AMQP_HEARTBEAT_S))

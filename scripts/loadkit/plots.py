@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 
 from loadkit.raw import RawResult
 from loadkit.results import RunResult
+from loadkit.spread import Spread
 
 HEATMAP = "throughput_heatmap.png"
 LATENCY = "latency_vs_concurrency.png"
@@ -22,7 +23,8 @@ def draw_all(runs: list[RunResult], raws: list[RawResult], out: Path, title: str
     """Write the three PNGs into ``out``; returns their file names.
 
     Every prober measured (and "noop" for no-op adapter runs) is a series of its own:
-    a heatmap panel, its own latency lines, its own bars.
+    a heatmap panel, its own latency lines, its own bars. With --repeat a heatmap cell
+    and a raw line are medians; every run keeps its own bar.
     """
     heatmap(runs, out / HEATMAP, title)
     latency(runs, out / LATENCY, title)
@@ -41,10 +43,13 @@ def heatmap(runs: list[RunResult], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(series), squeeze=False, figsize=(
         max(3.6, 1.6 + 1.3 * len(conc)) * len(series), 1.6 + 0.9 * len(workers)))
     for ax, prober in zip(axes[0], series, strict=True):
-        grid = [[math.nan] * len(conc) for _ in workers]
+        cells: dict[tuple[int, int], list[float]] = {}
         for r in runs:
             if r.prober == prober:
-                grid[workers.index(r.workers)][conc.index(r.concurrency)] = r.alerts_per_s
+                cells.setdefault((workers.index(r.workers), conc.index(r.concurrency)),
+                                 []).append(r.alerts_per_s)
+        grid = [[Spread.of(cells.get((i, j), [])).median for j in range(len(conc))]
+                for i in range(len(workers))]
         image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(conc)), [str(c) for c in conc])
         ax.set_yticks(range(len(workers)), [str(w) for w in workers])
@@ -100,8 +105,9 @@ def cpu_per_alert(runs: list[RunResult], raws: list[RawResult], path: Path,
                   title: str) -> None:
     series = _series(runs)
     ordered = sorted(runs, key=lambda r: (r.workers, r.concurrency, series.index(r.prober)))
+    repeated = any(r.repeat > 1 for r in runs)  # a bar each, in run order (sorted is stable)
     names = [f"{r.workers}x{r.concurrency}" + (f"\n{r.prober}" if len(series) > 1 else "")
-             for r in ordered]
+             + (f" #{r.repeat}" if repeated else "") for r in ordered]
     parts = [("alertd (whole tree)", [r.cpu_ms_per_alert for r in ordered]),
              ("RabbitMQ", [r.broker_ms_per_alert for r in ordered]),
              ("PostgreSQL", [r.database_ms_per_alert for r in ordered])]
@@ -111,10 +117,16 @@ def cpu_per_alert(runs: list[RunResult], raws: list[RawResult], path: Path,
         clean = [v if math.isfinite(v) else 0.0 for v in values]
         ax.bar(names, clean, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, clean, strict=True)]
-    for raw, style in zip(raws, (":", "-.", "--", (0, (1, 3))), strict=False):
-        ax.axhline(raw.cpu_ms_per_message, color="black", linestyle=style,
-                   label=f"raw aiormq consumer, prefetch {raw.prefetch} "
-                   f"({raw.cpu_ms_per_message:.3f} ms/msg)")
+    by_prefetch: dict[int, list[float]] = {}
+    for raw in raws:
+        by_prefetch.setdefault(raw.prefetch, []).append(raw.cpu_ms_per_message)
+    styles = (":", "-.", "--", (0, (1, 3)))
+    for (prefetch, values), style in zip(by_prefetch.items(), styles, strict=False):
+        cpu = Spread.of(values)
+        median = f", median of {len(values)}" if len(values) > 1 else ""
+        ax.axhline(cpu.median, color="black", linestyle=style,
+                   label=f"raw aiormq consumer, prefetch {prefetch}{median} "
+                   f"({cpu.median:.3f} ms/msg)")
     ax.set_xlabel("workers x concurrency")
     ax.set_ylabel("CPU ms per alert")
     ax.set_ylim(0, max([*bottom, 0.1]) * 1.4)  # room for the legend above the bars

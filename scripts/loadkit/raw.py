@@ -30,6 +30,7 @@ class RawResult:
     per_s: float
     cpu_ms_per_message: float
     broker_ms_per_message: float
+    repeat: int = 1  # which of --repeat's raw runs of this prefetch
 
 
 async def _consume(url: str, count: int, prefetch: int) -> dict[str, float]:

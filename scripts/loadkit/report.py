@@ -1,4 +1,8 @@
-"""The results folder: results.csv, results.json and report.md (with the figures' links)."""
+"""The results folder: results.csv, results.json and report.md (with the figures' links).
+
+Every run is a row, each of ``--repeat``'s too (``#i`` in report.md, ``repeat``
+in the files); report.md adds their medians and ranges.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loadkit.compare import Overhead, ProberComparison, raw_for
+from loadkit.compare import Overhead, ProberComparison, noop_medians, raw_for
 from loadkit.raw import RawResult
 from loadkit.recommend import Recommendation, label, several_probers
 from loadkit.results import RunResult
+from loadkit.spread import Spread, overhead_pct
 
 
 def _num(value: float, digits: int = 1) -> str:
@@ -62,9 +67,13 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raws: list[RawResul
              rec: Recommendation, figures: list[str], probers: list[ProberComparison],
              overheads: list[Overhead]) -> str:
     many = several_probers(runs)
+    repeated = any(r.repeat > 1 for r in runs)
+
+    def nth(r: RunResult) -> str:
+        return f" #{r.repeat}" if repeated else ""
 
     def name(r: RunResult) -> str:
-        return label(r, prober=many)
+        return label(r, prober=many) + nth(r)
 
     lines = [f"# alertd load test: {meta['profile']['name']}", "",
              f"Command: `{meta['command']}`", "",
@@ -84,7 +93,8 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raws: list[RawResul
              "|---:|---:|---|" + "---:|" * 16 + "---|"]
     for r in runs:
         lines.append(
-            f"| {r.workers} | {r.concurrency} | {r.prober} | {r.slots} | {r.alerts_delivered} "
+            f"| {r.workers} | {r.concurrency} | {r.prober}{nth(r)} | {r.slots} "
+            f"| {r.alerts_delivered} "
             f"| {_num(r.alerts_per_s)} | {_num(r.latency_p50_ms, 0)} "
             f"| {_num(r.latency_p95_ms, 0)} | {_num(r.latency_p99_ms, 0)} "
             f"| {_num(r.cpu_ms_per_alert, 2)} | {_num(r.cores_alertd, 2)} "
@@ -124,7 +134,7 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raws: list[RawResul
                   "alternating from one configuration to the next):", ""]
         lines += [f"- {c.line()}" for c in probers]
     if any(r.adapters == "noop" for r in runs):
-        lines += _overhead_section(runs, overheads)
+        lines += _overhead_section(runs, raws, overheads, name)
     if raws:
         lines += _raw_section(runs, raws, name)
     spied = [r for r in runs if r.py_spy_files]
@@ -153,7 +163,8 @@ def markdown(meta: dict[str, Any], runs: list[RunResult], *, raws: list[RawResul
     return "\n".join(lines) + "\n"
 
 
-def _overhead_section(runs: list[RunResult], overheads: list[Overhead]) -> list[str]:
+def _overhead_section(runs: list[RunResult], raws: list[RawResult], overheads: list[Overhead],
+                      name: Callable[[RunResult], str]) -> list[str]:
     lines = ["", "## Framework overhead (no-op adapters)", "",
              "alertd as in production (master, children, AMQP consumer, handler, use case, "
              "stats, /metrics) with adapters that do nothing: no download, probe, database or "
@@ -165,19 +176,26 @@ def _overhead_section(runs: list[RunResult], overheads: list[Overhead]) -> list[
              "| config | messages | msgs/s | alertd CPU ms/msg | of it master | raw ms/msg "
              "(prefetch) | overhead | idle tree cores | paused s |",
              "|---|" + "---:|" * 8]
-    by_config = {(o.workers, o.concurrency): o for o in overheads}
     for r in (r for r in runs if r.adapters == "noop"):
-        o = by_config.get((r.workers, r.concurrency))
-        raw = f"{o.raw_ms_per_message:.3f} ({o.raw_prefetch})" if o else "-"
-        pct = f"{o.overhead_pct:+.0f}%" if o else "-"
-        lines.append(f"| {label(r)} | {r.alerts_delivered} | {_num(r.alerts_per_s, 0)} "
+        ref = raw_for(r, raws)
+        raw = pct = "-"
+        if ref is not None and ref.cpu_ms_per_message:
+            raw = f"{ref.cpu_ms_per_message:.3f} ({ref.prefetch})"
+            pct = f"{overhead_pct(r.cpu_ms_per_alert, ref.cpu_ms_per_message):+.0f}%"
+        lines.append(f"| {name(r)} | {r.alerts_delivered} | {_num(r.alerts_per_s, 0)} "
                      f"| {_num(r.cpu_ms_per_alert, 3)} | {_num(r.master_ms_per_alert, 3)} "
                      f"| {raw} | {pct} | {_num(r.idle_cores_alertd, 3)} "
                      f"| {_num(r.paused_s, 1)} |")
     lines.append("")
+    if any(r.repeat > 1 for r in runs) and overheads:
+        lines += ["Each row is one run, set against the raw run of its round (#i, run just "
+                  "after that round's no-op runs of its prefetch). Per configuration: medians "
+                  "(min-max) of its runs and of their raw runs, the overhead median against "
+                  "median, and the range of the per-pair overheads:", ""]
     if overheads:
         lines += [f"- {o.line()}" for o in overheads]
     else:
+        lines += [f"- {line}" for line in noop_medians(runs)]
         lines.append("No raw consumer to compare with: add `--compare-raw`.")
     lines += ["", "Idle tree cores: alertd's CPU while it had nothing to do (heartbeats, the "
               "master's tick, the outbox poll), read for 1 s before the pause (/proc counts "
@@ -191,14 +209,19 @@ def _raw_section(runs: list[RunResult], raws: list[RawResult],
     lines = ["", "## Against the raw client limit", "",
              f"A bare aiormq + uvloop consumer (parse the JSON, ack) took {raws[0].messages} "
              "messages of the same shape from a prefilled quorum queue of the same broker:", ""]
-    for raw in raws:
-        lines.append(
-            f"- prefetch {raw.prefetch}: **{raw.per_s:.0f} messages/s** at "
-            f"**{raw.cpu_ms_per_message:.3f} CPU ms/message** (RabbitMQ "
-            f"{raw.broker_ms_per_message:.3f} ms/message)")
-    if len(raws) > 1:
-        lines += ["", "Each run is set against the raw run with its prefetch (= its "
-                  "concurrency), else against the first."]
+    if any(raw.repeat > 1 for raw in raws):
+        lines += _raw_medians(raws)
+        lines += ["", "Each run is set against the raw run of its round (#i) with its prefetch "
+                  "(= its concurrency), else against that round's first."]
+    else:
+        for raw in raws:
+            lines.append(
+                f"- prefetch {raw.prefetch}: **{raw.per_s:.0f} messages/s** at "
+                f"**{raw.cpu_ms_per_message:.3f} CPU ms/message** (RabbitMQ "
+                f"{raw.broker_ms_per_message:.3f} ms/message)")
+        if len(raws) > 1:
+            lines += ["", "Each run is set against the raw run with its prefetch (= its "
+                      "concurrency), else against the first."]
     lines += ["", "| config | alerts/s | % of raw rate | CPU ms/alert | x raw CPU |",
               "|---|---:|---:|---:|---:|"]
     for r in runs:
@@ -207,4 +230,21 @@ def _raw_section(runs: list[RunResult], raws: list[RawResult],
         share = r.alerts_per_s / ref.per_s if ref.per_s else math.nan
         lines.append(f"| {name(r)} | {_num(r.alerts_per_s)} | {_num(100 * share, 1)}% "
                      f"| {_num(r.cpu_ms_per_alert, 2)} | {_num(r.cpu_x_raw, 2)} |")
+    return lines
+
+
+def _raw_medians(raws: list[RawResult]) -> list[str]:
+    """With --repeat: per prefetch, the median (min-max) of its raw runs, in the order run."""
+    by_prefetch: dict[int, list[RawResult]] = {}
+    for raw in raws:
+        by_prefetch.setdefault(raw.prefetch, []).append(raw)
+    lines = []
+    for prefetch, found in by_prefetch.items():
+        rate = Spread.of(r.per_s for r in found)
+        cpu = Spread.of(r.cpu_ms_per_message for r in found)
+        broker = Spread.of(r.broker_ms_per_message for r in found)
+        lines.append(
+            f"- prefetch {prefetch}, median of {len(found)} runs: **{_num(rate.median, 0)} "
+            f"messages/s** ({rate.span('.0f')}) at **{_num(cpu.median, 3)} CPU "
+            f"ms/message** ({cpu.span('.3f')}); RabbitMQ {_num(broker.median, 3)} ms/message")
     return lines

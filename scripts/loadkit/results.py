@@ -26,6 +26,7 @@ class RunResult:
     slots: int
     window: int
     alerts_requested: int
+    repeat: int = 1  # which of --repeat's measurements of this configuration
     alerts_measured: int = 0
     alerts_delivered: int = 0
     status: str = "ok"  # ok, capped (hit --duration-cap) or failed: <why>

@@ -45,6 +45,7 @@ class RunPlan:
     duration_cap_s: float
     alertd_args: tuple[str, ...] = ()
     adapters: str = "real"  # or "noop": loadkit.noop runs it
+    repeat: int = 1  # 1..--repeat (no-op runs only)
 
     @property
     def slots(self) -> int:

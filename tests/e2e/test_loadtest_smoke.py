@@ -1,4 +1,4 @@
-"""scripts/loadtest: --smoke end to end (real runs, a no-op run, py-spy), and its parts offline."""
+"""scripts/loadtest: --smoke and --repeat end to end, and the tool's parts offline."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
     assert [(r["workers"], r["concurrency"], r["prober"], r["adapters"]) for r in runs] == [
         (1, 4, "pyav", "real"), (2, 4, "pyav", "real"), (2, 4, "noop", "noop")]
     assert doc["consistent"] is True
+    assert [r["repeat"] for r in runs] == [1, 1, 1] and doc["repeat"] == 1  # no --repeat
     real, noop = runs[:2], runs[2]
     for r in real:
         assert r["status"] == "ok" and r["consistent"] and r["checks"] == [], r
@@ -68,7 +69,7 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
     assert 0 < noop["paused_s"] < 20 and noop["idle_cores_alertd"] >= 0
     assert noop["exit_code"] == 0 and noop["dead_lettered"] == 0
     assert doc["raw"]["messages"] == 300 and doc["raw"]["prefetch"] == 4
-    assert doc["raw"]["per_s"] > 0
+    assert doc["raw"]["per_s"] > 0 and doc["raw"]["repeat"] == 1
     [overhead] = doc["framework_overhead"]
     assert (overhead["workers"], overhead["concurrency"]) == (2, 4)
     assert math.isclose(overhead["alertd_ms_per_message"], noop["cpu_ms_per_alert"])
@@ -78,14 +79,15 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and math.isclose(float(rows[0]["alerts_per_s"]),
                                            runs[0]["alerts_per_s"], rel_tol=1e-3)
-    assert [(row["prober"], row["adapters"]) for row in rows] == [
-        ("pyav", "real"), ("pyav", "real"), ("noop", "noop")]
+    assert [(row["prober"], row["adapters"], row["repeat"]) for row in rows] == [
+        ("pyav", "real", "1"), ("pyav", "real", "1"), ("noop", "noop", "1")]
     report = (out / "report.md").read_text()
     assert "## Recommendation" in report and "Consistency check" in report
     assert "Passed:" in report and "FAILED" not in report
     assert "scripts/loadtest --smoke" in report
     assert "## Framework overhead (no-op adapters)" in report
     assert "2 x 4: framework overhead: alertd " in report and " ms/msg vs raw " in report
+    assert "noop #" not in report and "medians of" not in report  # as before --repeat
     for name in FIGURES:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
@@ -98,6 +100,40 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
                 assert role == "master" or (out / path).stat().st_size > 0, (role, path)
         profile = (out / "profile.md").read_text()
         assert "### child-0" in profile and "#### Hot path by stage" in profile
+
+
+def test_repeat_alternates_no_op_and_raw_runs_and_reports_their_medians(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--noop-adapters",
+         "--compare-raw", "--workers", "1", "--concurrency", "4", "--alerts", "300",
+         "--repeat", "2", "--wait-load", "0", "--out", str(out),
+         "--clips-dir", str(tmp_path / "clips")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    ran = [line.split(":")[0].strip() for line in done.stdout.splitlines()
+           if ", repeat " in line.split(":")[0]]
+    assert ran == ["1w x 4c noop adapters, repeat 1/2", "raw aiormq consumer, prefetch 4, "
+                   "repeat 1/2", "1w x 4c noop adapters, repeat 2/2",
+                   "raw aiormq consumer, prefetch 4, repeat 2/2"]
+
+    doc = json.loads((out / "results.json").read_text())
+    runs, raws = doc["runs"], doc["raw_runs"]
+    assert [(r["repeat"], r["status"], r["consistent"]) for r in runs] == [
+        (1, "ok", True), (2, "ok", True)]
+    assert [(r["prefetch"], r["repeat"]) for r in raws] == [(4, 1), (4, 2)]
+    [overhead] = doc["framework_overhead"]
+    assert overhead["runs"] == overhead["raw_runs"] == 2
+    assert overhead["alertd_ms_per_message"] == pytest.approx(  # of two, the mean
+        (runs[0]["cpu_ms_per_alert"] + runs[1]["cpu_ms_per_alert"]) / 2)
+    assert overhead["pair_overhead_pcts"] == pytest.approx(
+        [100 * (r["cpu_ms_per_alert"] / raw["cpu_ms_per_message"] - 1)
+         for r, raw in zip(runs, raws, strict=True)])
+    with open(out / "results.csv", newline="") as fh:
+        assert [row["repeat"] for row in csv.DictReader(fh)] == ["1", "2"]
+    report = (out / "report.md").read_text()
+    assert "| 1 x 4 noop #2 |" in report and "medians of 2 runs = " in report
+    assert overhead["line"] in done.stdout and overhead["line"] in report
 
 
 def test_probers_of_one_configuration_run_back_to_back_in_alternating_order() -> None:
