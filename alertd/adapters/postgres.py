@@ -295,15 +295,13 @@ class PostgresStore:
         if not webhook_ids:
             return 0
         async with self._connection() as conn:
-            cur = await conn.execute(
-                _RETRY_NOW + " AND webhook_id = ANY(%s)", (list(webhook_ids),)
-            )
+            cur = await conn.execute(_RETRY_NOW_IDS, (list(webhook_ids),))
             return cur.rowcount
 
     async def retry_all_now(self) -> int:
         """Make every pending or failed webhook due now; ``gone`` rows stay gone."""
         async with self._connection() as conn:
-            cur = await conn.execute(_RETRY_NOW + " AND status IN ('pending', 'failed')")
+            cur = await conn.execute(_RETRY_ALL_NOW)
             return cur.rowcount
 
 
@@ -406,12 +404,18 @@ _CLAIM_DUE: LiteralString = """
 # statement. A row no longer pending (its lease ran out and another
 # dispatcher ended it) keeps its final status; the attempt still happened,
 # so it is logged with the number this dispatcher gave it.
+# The rows are locked first, in id order, as every statement that locks
+# several outbox rows does: two batches sharing rows (a lease that ran out)
+# or a batch and `alertd outbox retry` then wait for each other instead of
+# deadlocking, which aborted one of them (its webhooks were sent again).
 _RECORD_ATTEMPTS: LiteralString = """
     WITH attempt AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[],
                              %(next_at)s::timestamptz[], %(errors)s::text[],
                              %(codes)s::int[], %(durations)s::int[], %(fallbacks)s::int[])
             AS a(id, status, next_attempt_at, error, status_code, duration_ms, fallback)
+    ), locked AS (
+        SELECT id FROM webhook_outbox WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
     ), updated AS (
         UPDATE webhook_outbox AS o
         SET status = a.status,
@@ -421,7 +425,7 @@ _RECORD_ATTEMPTS: LiteralString = """
             last_status_code = a.status_code,
             delivered_at = CASE WHEN a.status = 'delivered' THEN now() END
         FROM attempt AS a
-        WHERE o.id = a.id AND o.status = 'pending'
+        WHERE o.id = a.id AND o.status = 'pending' AND o.id IN (SELECT id FROM locked)
         RETURNING o.id, o.attempts
     )
     INSERT INTO webhook_attempts (outbox_id, attempt, status_code, error, duration_ms)
@@ -438,7 +442,20 @@ _LIST_UNDELIVERED: LiteralString = """
     LIMIT %s
 """
 
-_RETRY_NOW: LiteralString = """
+# Rows locked in id order first, like _RECORD_ATTEMPTS (no deadlock with it).
+_RETRY_NOW_IDS: LiteralString = """
+    WITH locked AS (
+        SELECT id FROM webhook_outbox
+        WHERE status <> 'delivered' AND webhook_id = ANY(%s) ORDER BY id FOR UPDATE
+    )
     UPDATE webhook_outbox SET status = 'pending', next_attempt_at = now()
-    WHERE status <> 'delivered'
+    WHERE id IN (SELECT id FROM locked) AND status <> 'delivered'
+"""
+_RETRY_ALL_NOW: LiteralString = """
+    WITH locked AS (
+        SELECT id FROM webhook_outbox
+        WHERE status IN ('pending', 'failed') ORDER BY id FOR UPDATE
+    )
+    UPDATE webhook_outbox SET status = 'pending', next_attempt_at = now()
+    WHERE id IN (SELECT id FROM locked) AND status IN ('pending', 'failed')
 """

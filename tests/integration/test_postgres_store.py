@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -466,6 +466,93 @@ async def test_retry_all_now_requeues_failed_webhooks_but_leaves_gone_ones(
     await end_one(store, DeliveryResult(ok=False, status_code=410, gone=True))
     assert await store.retry_all_now() == 1
     assert (await claim_one(store)).delivery_id == failed.delivery_id
+
+
+# --- lock order ---------------------------------------------------------------------------
+
+LOCK_WAITERS = """
+    SELECT count(*) FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = %s AND wait_event_type = 'Lock'
+"""
+
+
+async def locked_while_it_waits(
+    fresh_db: str, rows: list[PendingDelivery], call: Callable[[], Awaitable[object]],
+) -> list[int]:
+    """Hold the middle one of three rows, start ``call`` and, once it waits for that row,
+    return which of the other two it has locked already."""
+    low, mid, high = rows
+    async with await psycopg.AsyncConnection.connect(fresh_db) as holder:
+        await holder.execute("SELECT 1 FROM webhook_outbox WHERE id = %s FOR UPDATE",
+                             (mid.delivery_id,))
+        task = asyncio.create_task(call())
+        for _ in range(1000):
+            if (await fetch(fresh_db, LOCK_WAITERS, (APP,)))[0][0] or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done(), "it did not wait for the held row"
+        cur = await holder.execute(
+            "SELECT id FROM webhook_outbox WHERE id = ANY(%s) ORDER BY id FOR UPDATE SKIP LOCKED",
+            ([low.delivery_id, high.delivery_id],))
+        free = {row[0] for row in await cur.fetchall()}
+        await holder.rollback()  # lets it go on
+    await task
+    return [d.delivery_id for d in (low, high) if d.delivery_id not in free]
+
+
+@pytest.fixture()
+async def big_table_store(fresh_db: str) -> AsyncIterator[PostgresStore]:
+    """A store whose planner fetches outbox rows by index, as on a big table.
+
+    On a few rows it scans the table, which happens to lock them in id order
+    whatever the statement asks; by index, rows come in the batch's order.
+    """
+    name = sql.Identifier(conninfo_to_dict(fresh_db)["dbname"])
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+        for setting in ("enable_seqscan", "enable_hashjoin", "enable_mergejoin"):
+            await conn.execute(sql.SQL("ALTER DATABASE {} SET {} = off").format(
+                name, sql.Identifier(setting)))
+    pool = await open_pool(fresh_db, 2, application_name=APP)
+    await pool.wait(timeout=10)
+    yield PostgresStore(pool)
+    await pool.close()
+
+
+async def test_a_batch_of_attempts_locks_its_rows_in_id_order(
+    big_table_store: PostgresStore, fresh_db: str,
+) -> None:
+    """Two batches sharing rows (a lease ran out) wait for each other instead of
+    deadlocking, which aborted one and sent its webhooks again: rows are locked in id
+    order, whatever the batch's order. Here, given highest first, it waits for the
+    middle row holding only the lowest."""
+    store = big_table_store
+    await queue_webhooks(store, 3)
+    rows = list(await store.claim_due(10, lease_s=60))
+    # Leases ending in the reverse order of the ids, so that a plan walking the
+    # due index (next_attempt_at) meets the rows highest id first.
+    await fetch(fresh_db, "UPDATE webhook_outbox SET next_attempt_at = "
+                          "now() + make_interval(secs => 1000 - id)")
+    ok = DeliveryResult(ok=True, status_code=200)
+    held = await locked_while_it_waits(fresh_db, rows, lambda: store.record_attempts(
+        [AttemptRecord(d, ok, None) for d in reversed(rows)]))
+    assert held == [rows[0].delivery_id]
+    assert await fetch(fresh_db, "SELECT status, count(*) FROM webhook_outbox GROUP BY 1") == [
+        ("delivered", 3)]
+
+
+async def test_retry_now_locks_its_rows_in_id_order(
+    big_table_store: PostgresStore, fresh_db: str,
+) -> None:
+    store = big_table_store
+    rows = []
+    for _ in range(3):
+        await queue_webhooks(store, 1)
+        rows.append(await end_one(store, DeliveryResult(ok=False, status_code=500)))
+    held = await locked_while_it_waits(fresh_db, rows, lambda: store.retry_now(
+        [d.webhook_id for d in reversed(rows)]))
+    assert held == [rows[0].delivery_id]
+    assert await fetch(fresh_db, "SELECT status, count(*) FROM webhook_outbox GROUP BY 1") == [
+        ("pending", 3)]
 
 
 # --- faults -------------------------------------------------------------------------------
