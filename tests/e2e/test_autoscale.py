@@ -19,6 +19,7 @@ from tests.e2e.harness import (
     Alertd,
     Servers,
     free_port,
+    http_get,
     lines_with,
     metric_values,
     publish,
@@ -33,6 +34,7 @@ from tests.e2e.test_master import (
     stored_once_with_one_webhook_id,
 )
 from tests.faultproxy import FaultProxy
+from tests.unit.test_observability_files import autoscale_only, not_exported, referenced_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -70,6 +72,9 @@ def test_a_backlog_grows_the_fleet_to_max_and_idleness_shrinks_it_gracefully_to_
         assert metrics['alertd_autoscale_decisions_total{direction="up"}'] == 3
         assert metrics["alertd_autoscale_target_children"] == 4
         assert "alertd_queue_ready_messages" in metrics
+        _, body = http_get(port, "/metrics")
+        shown = {n for n in referenced_metrics() if autoscale_only(n)}
+        assert shown and not not_exported(shown, body.decode())
 
         stored_once_with_one_webhook_id(srv, fresh_db, ids)
         drained = time.monotonic()

@@ -16,6 +16,22 @@ METRIC = re.compile(r"\b((?:alertd|rabbitmq)_[a-z_]+)")
 RABBITMQ_METRICS = {"rabbitmq_queue_messages_ready", "rabbitmq_queue_messages_unacked"}
 
 
+def autoscale_only(name: str) -> bool:
+    """Exported only by a master started with --autoscale (alertd/statusview.py)."""
+    return name.startswith("alertd_autoscale_") or name == "alertd_queue_ready_messages"
+
+
+def exported_names(metrics_text: str) -> set[str]:
+    """Metric names in a /metrics body, each counter with and without ``_total``."""
+    names = set(re.findall(r"^# TYPE (\S+)", metrics_text, re.MULTILINE))
+    return names | {n.removesuffix("_total") for n in names}
+
+
+def not_exported(names: set[str], metrics_text: str) -> set[str]:
+    exported = exported_names(metrics_text)
+    return {n for n in names if n not in exported and n.removesuffix("_total") not in exported}
+
+
 def promtool() -> str:
     path = shutil.which("promtool")
     assert path, "promtool missing: scripts/test installs the Debian package prometheus"
@@ -65,3 +81,10 @@ def test_every_referenced_metric_is_alertds_or_a_known_rabbitmq_one() -> None:
                if not n.startswith("alertd_") and n not in RABBITMQ_METRICS}
     assert not unknown
     assert len(referenced_metrics()) > 10
+
+
+def test_the_dashboard_shows_the_autoscaler() -> None:
+    # Checked against a live scrape with --autoscale in tests/e2e/test_autoscale.py.
+    shown = {n for n in referenced_metrics() if autoscale_only(n)}
+    assert {"alertd_autoscale_target_children", "alertd_autoscale_bound_children",
+            "alertd_queue_ready_messages"} <= shown
