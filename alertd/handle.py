@@ -130,6 +130,10 @@ class ChildHandle:
     def in_flight_alert_ids(self) -> list[str]:
         return [s["alert_id"] for s in self.last_report.get("slots", []) if s.get("alert_id")]
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -398,6 +398,13 @@ class Arbiter:
             self._forget(child)
 
     def _forget(self, child: ChildHandle) -> None:
+        # Once only: a child whose pipe hit EOF is forgotten when it is read,
+        # and again when it is reaped. By then its fd number may belong to a
+        # new child's pipe (a recycled child's replacement is spawned before
+        # the old one exits); unregistering it again would leave the new
+        # child unread: no counters, and killed as hung.
+        if child.closed:
+            return
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(child.read_fd)
         child.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import time
 from collections.abc import Iterator
@@ -182,6 +183,37 @@ def test_reaping_a_child_first_reads_the_heartbeats_it_left_in_the_pipe(
     arbiter.reap()
     assert arbiter.aggregate.processed() == (7, 0)
     assert pid not in arbiter.children
+
+
+def test_a_replacement_that_reuses_the_pipe_fd_of_its_predecessor_stays_read(
+    arbiter: Arbiter, kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recycled child's pipe hits EOF and is closed; its replacement, spawned before
+    the old one is reaped, gets the same fd number. Reaping the old child must not
+    unregister the new child's pipe (it would never be read again)."""
+    old = kids.make(0, state="draining")
+    arbiter.children[old.pid] = old
+    arbiter._selector.register(old.read_fd, selectors.EVENT_READ, None)
+    os.close(kids.writers.pop(old.pid))  # the old child exited: EOF
+    arbiter._read_child(old)
+    assert old.eof and old.closed
+    new = kids.make(0, state="booting")
+    assert new.read_fd == old.read_fd  # the lowest free fd number, reused
+    arbiter.children[new.pid] = new
+    arbiter._selector.register(new.read_fd, selectors.EVENT_READ, "new child")
+    results = [(old.pid, EXIT_RECYCLED << 8)]
+
+    def waitpid(want: int, options: int) -> tuple[int, int]:
+        if not results:
+            raise ChildProcessError
+        return results.pop()
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    arbiter.reap()
+    assert arbiter._selector.get_key(new.read_fd).data == "new child"
+    kids.report(new, state="consuming")
+    arbiter._read_child(new)
+    assert new.state == "consuming"
 
 
 def test_the_watchdog_is_fed_only_while_heartbeats_are_fresh(
