@@ -96,8 +96,10 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
         assert set(real[1]["py_spy_files"]) >= {"master", "child-0", "child-1"}
         for r in runs:
             for role, path in r["py_spy_files"].items():
-                # The master may sleep through a 1 s window: an empty profile.
-                assert role == "master" or (out / path).stat().st_size > 0, (role, path)
+                # The master, and the PyAV helper between the smoke run's few tiny
+                # probes, may sleep through a 1 s window: an empty profile.
+                assert role in ("master", "pyav-helper") or (out / path).stat().st_size > 0, (
+                    role, path)
         profile = (out / "profile.md").read_text()
         assert "### child-0" in profile and "#### Hot path by stage" in profile
 
