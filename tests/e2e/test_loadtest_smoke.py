@@ -95,11 +95,13 @@ def test_smoke_run_writes_a_consistent_report_with_sane_numbers(tmp_path: Path) 
     if spy:
         assert set(real[1]["py_spy_files"]) >= {"master", "child-0", "child-1"}
         for r in runs:
-            for role, path in r["py_spy_files"].items():
-                # The master, and the PyAV helper between the smoke run's few tiny
-                # probes, may sleep through a 1 s window: an empty profile.
-                assert role in ("master", "pyav-helper") or (out / path).stat().st_size > 0, (
-                    role, path)
+            assert all((out / path).is_file() for path in r["py_spy_files"].values())
+        # Any one process may sleep through a 1 s window: the master, the PyAV helper
+        # between tiny probes, a child once the no-op run's 300 messages (~0.1 s)
+        # are done. The real runs' children work through it: one at least was seen.
+        for r in real:
+            assert any((out / path).stat().st_size > 0 for role, path in
+                       r["py_spy_files"].items() if role.startswith("child-")), r["py_spy_files"]
         profile = (out / "profile.md").read_text()
         assert "### child-0" in profile and "#### Hot path by stage" in profile
 
