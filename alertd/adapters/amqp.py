@@ -293,8 +293,7 @@ class AmqpConsumer:
         # aiormq runs this callback in a task it cancels when the channel
         # closes; the work goes to a task of ours so a lost connection does
         # not cancel an alert halfway through a commit.
-        acks = self._acks
-        if acks is not None and acks.channel is message.channel:
+        if acks := self._batcher_for(message):
             assert message.delivery_tag is not None
             acks.received(message.delivery_tag)
         task = asyncio.create_task(self._run_delivery(message))
@@ -386,18 +385,21 @@ class AmqpConsumer:
             with contextlib.suppress(*AMQP_FAILURES):
                 await self._nack(message)
 
+    def _batcher_for(self, message: aiormq.abc.DeliveredMessage) -> AckBatcher | None:
+        """The consuming channel's batcher; None for a delivery of an older channel."""
+        acks = self._acks
+        return acks if acks is not None and acks.channel is message.channel else None
+
     async def _ack(self, message: aiormq.abc.DeliveredMessage) -> None:
         assert message.delivery_tag is not None
-        acks = self._acks
-        if acks is not None and acks.channel is message.channel:
+        if acks := self._batcher_for(message):
             await acks.ack(message.delivery_tag)
         else:
             await message.channel.basic_ack(message.delivery_tag)
 
     async def _nack(self, message: aiormq.abc.DeliveredMessage) -> None:
         assert message.delivery_tag is not None
-        acks = self._acks
-        if acks is not None and acks.channel is message.channel:
+        if acks := self._batcher_for(message):
             await acks.nack(message.delivery_tag)
         else:
             await message.channel.basic_nack(message.delivery_tag, requeue=True)

@@ -156,6 +156,21 @@ def test_a_recycling_child_gets_its_replacement_before_it_has_drained(
     assert arbiter.aggregate.restarts == 0
 
 
+def reap_only(arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch, pid: int,
+              status: int) -> None:
+    """``arbiter.reap()`` seeing one exited child, ``pid``: reap() waits for any
+    child, and pytest may run others of its own."""
+    results = [(pid, status)]
+
+    def waitpid(want: int, options: int) -> tuple[int, int]:
+        if not results:
+            raise ChildProcessError
+        return results.pop()
+
+    monkeypatch.setattr(os, "waitpid", waitpid)
+    arbiter.reap()
+
+
 def test_reaping_a_child_first_reads_the_heartbeats_it_left_in_the_pipe(
     arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -171,16 +186,7 @@ def test_reaping_a_child_first_reads_the_heartbeats_it_left_in_the_pipe(
     os.set_blocking(read_fd, False)
     arbiter.children[pid] = ChildHandle(pid, 0, 0, read_fd)
     _, status = os.waitpid(pid, 0)
-    # reap() waits for any child; hand it ours only, whatever else pytest runs.
-    results = [(pid, status)]
-
-    def waitpid(want: int, options: int) -> tuple[int, int]:
-        if not results:
-            raise ChildProcessError
-        return results.pop()
-
-    monkeypatch.setattr(os, "waitpid", waitpid)
-    arbiter.reap()
+    reap_only(arbiter, monkeypatch, pid, status)
     assert arbiter.aggregate.processed() == (7, 0)
     assert pid not in arbiter.children
 
@@ -201,15 +207,7 @@ def test_a_replacement_that_reuses_the_pipe_fd_of_its_predecessor_stays_read(
     assert new.read_fd == old.read_fd  # the lowest free fd number, reused
     arbiter.children[new.pid] = new
     arbiter._selector.register(new.read_fd, selectors.EVENT_READ, "new child")
-    results = [(old.pid, EXIT_RECYCLED << 8)]
-
-    def waitpid(want: int, options: int) -> tuple[int, int]:
-        if not results:
-            raise ChildProcessError
-        return results.pop()
-
-    monkeypatch.setattr(os, "waitpid", waitpid)
-    arbiter.reap()
+    reap_only(arbiter, monkeypatch, old.pid, EXIT_RECYCLED << 8)
     assert arbiter._selector.get_key(new.read_fd).data == "new child"
     kids.report(new, state="consuming")
     arbiter._read_child(new)
