@@ -27,7 +27,8 @@ Signals (to the master):
              within MIN..MAX with --autoscale)
   USR1       reopen logs
 \b
-Exit codes: 0 stopped cleanly, 1 crashed, 2 bad usage,
+Exit codes: 0 stopped cleanly, 1 crashed (also when the metrics
+port, control socket or pidfile cannot be set up), 2 bad usage,
 3 bad configuration (also when a child refuses it at boot).
 """
 

@@ -20,6 +20,7 @@ from alertd import sdnotify
 from alertd.aggregate import Aggregate
 from alertd.autoscale import Autoscaler, fleet_load
 from alertd.config import Settings
+from alertd.errors import AlertdError
 from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED
 from alertd.handle import MASTER_SIGNALS, ChildHandle, reopen_log_files
 from alertd.statusview import MasterViews
@@ -73,8 +74,8 @@ class Arbiter:
     # -- lifecycle -------------------------------------------------------------
 
     def run(self) -> int:
-        self._setup()
         try:
+            self._setup()
             while True:
                 self._tick()
                 if self.stopping and not self.children:
@@ -92,7 +93,11 @@ class Arbiter:
             signal.signal(sig, self._enqueue_signal)
         self.views = MasterViews(self, self._selector, self.settings, self._control_path)
         if self.settings.pidfile:
-            _write_pidfile(self.settings.pidfile)
+            try:
+                _write_pidfile(self.settings.pidfile)
+            except OSError as exc:
+                raise AlertdError(f"pidfile: cannot write {self.settings.pidfile}: "
+                                  f"{exc.strerror or exc}") from None
             self._pidfile = self.settings.pidfile
         log.info("master pid %d starting %d children x %d slots%s", os.getpid(),
                  self.num_workers, self.settings.concurrency,

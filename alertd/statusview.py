@@ -6,7 +6,7 @@ import logging
 import os
 import selectors
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,6 +21,7 @@ from prometheus_client.core import (
 
 from alertd import __version__
 from alertd.config import Settings
+from alertd.errors import AlertdError
 from alertd.stats import LATENCY_BUCKETS
 from alertd.tinyserve import TinyServer
 
@@ -32,6 +33,16 @@ log = logging.getLogger(__name__)
 STAGES = ("dedup", "download", "probe", "store", "notify")
 
 
+def _listen(key: str, where: str, open_server: Callable[[], TinyServer]) -> TinyServer:
+    """``open_server()``, its OSError (a port in use, a missing directory) made a
+    one-line refusal naming the setting, as for a bad config."""
+    try:
+        return open_server()
+    except OSError as exc:
+        raise AlertdError(f"{key}: cannot listen on {where}: "
+                          f"{exc.strerror or exc}") from None
+
+
 class MasterViews:
     def __init__(self, arbiter: Arbiter, selector: selectors.BaseSelector,
                  settings: Settings, control_path: str | None) -> None:
@@ -39,13 +50,21 @@ class MasterViews:
         self._servers: list[TinyServer] = []
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(arbiter))
-        if settings.metrics_port:
-            self._servers.append(TinyServer.tcp(settings.metrics_host, settings.metrics_port,
-                                                selector, self.http))
-            log.info("serving /metrics /healthz /readyz on %s:%d", settings.metrics_host,
-                     settings.metrics_port)
-        if control_path:
-            self._servers.append(TinyServer.unix(control_path, selector, self.control))
+        try:
+            if settings.metrics_port:
+                self._servers.append(_listen(
+                    "metrics_port", f"{settings.metrics_host}:{settings.metrics_port}",
+                    lambda: TinyServer.tcp(settings.metrics_host, settings.metrics_port,
+                                           selector, self.http)))
+                log.info("serving /metrics /healthz /readyz on %s:%d", settings.metrics_host,
+                         settings.metrics_port)
+            if control_path:
+                self._servers.append(_listen(
+                    "control_socket", control_path,
+                    lambda: TinyServer.unix(control_path, selector, self.control)))
+        except AlertdError:
+            self.close()
+            raise
 
     def fds(self) -> list[int]:
         return [fd for server in self._servers for fd in server.fds()]

@@ -61,9 +61,13 @@ class TinyServer:
             http: HttpHandler) -> TinyServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(64)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
         return cls(sock, selector, http=http)
 
     @classmethod
@@ -71,9 +75,13 @@ class TinyServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(16)
+        except OSError:
+            sock.close()
+            raise
         return cls(sock, selector, line=line)
 
     def fds(self) -> list[int]:
