@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from loadkit.clips import SIZES, make_clips  # noqa: E402
-from loadkit.stack import free_port  # noqa: E402
 
 from alertd.adapters.download import HttpVideoFetcher  # noqa: E402
 from alertd.adapters.postgres import PostgresStore, open_pool  # noqa: E402
@@ -49,6 +48,7 @@ from alertd.domain import Alert, Outcome, webhook_event  # noqa: E402
 from alertd.netguard import AddressGuard  # noqa: E402
 from alertd.ports import AttemptRecord, DeliveryResult  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LOOPBACK = [ipaddress.ip_network("127.0.0.1/32")]

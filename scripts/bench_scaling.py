@@ -52,7 +52,8 @@ from tests.conftest import (  # noqa: E402
     delete_vhost,
     drop_database,
 )
-from tests.e2e.harness import TEST_SECRET, Servers, free_port, metric_values  # noqa: E402
+from tests.e2e.harness import TEST_SECRET, Servers, metric_values  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

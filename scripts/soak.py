@@ -30,10 +30,11 @@ from loadkit.clips import make_clips  # noqa: E402
 from loadkit.profiles import Profile  # noqa: E402
 from loadkit.publisher import Publisher  # noqa: E402
 from loadkit.servers import LoadClipServer, LoadSink, ServerThread  # noqa: E402
-from loadkit.stack import ALERTD, AlertdProcess, Environment, free_port  # noqa: E402
+from loadkit.stack import ALERTD, AlertdProcess, Environment  # noqa: E402
 
 from alertd.config import Settings  # noqa: E402
 from alertd.statusclient import fetch_status  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 FIELDS = ["t_s", "child", "pid", "rss_bytes", "fds", "sockets", "temp_files", "processed"]
 TOLERANCE_PER_HOUR = {"fds": 5.0, "sockets": 5.0, "temp_files": 1.0}

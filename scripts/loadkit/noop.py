@@ -37,7 +37,8 @@ from loadkit.proctree import cpu_sample, descendants, scan
 from loadkit.publisher import prefill
 from loadkit.run import BOOT_CAP_S, RunPlan
 from loadkit.spyrecord import SpyPlan
-from loadkit.stack import AlertdProcess, Environment, free_port
+from loadkit.stack import AlertdProcess, Environment
+from tests.ports import free_port
 
 NOOP_AMQP_HEARTBEAT_S = 120
 NOOP_HANG_TIMEOUT_S = 600.0

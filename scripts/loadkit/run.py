@@ -25,7 +25,8 @@ from loadkit.proctree import cpu_sample
 from loadkit.publisher import Progress, Publisher, Tracker, publish_closed_loop
 from loadkit.servers import Receipt, ServerThread
 from loadkit.spyrecord import SpyPlan
-from loadkit.stack import ALERTD, AlertdProcess, Environment, free_port
+from loadkit.stack import ALERTD, AlertdProcess, Environment
+from tests.ports import free_port
 
 WARMUP_CAP_S = 60.0  # warm-up publishing and delivery, each
 DRAIN_CAP_S = 30.0  # after the last measured publish, for the last webhooks

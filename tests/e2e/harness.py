@@ -309,14 +309,6 @@ def unmigrated_database() -> Iterator[str]:
         drop_database(name)
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """Status and body of ``GET http://127.0.0.1:<port><path>`` (errors included)."""
     try:

@@ -18,7 +18,6 @@ import pytest
 from tests.e2e.harness import (
     Alertd,
     Servers,
-    free_port,
     http_get,
     lines_with,
     metric_values,
@@ -34,6 +33,7 @@ from tests.e2e.test_master import (
     stored_once_with_one_webhook_id,
 )
 from tests.faultproxy import FaultProxy
+from tests.ports import free_port
 from tests.unit.test_observability_files import autoscale_only, not_exported, referenced_metrics
 
 pytestmark = pytest.mark.e2e

@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -32,7 +33,6 @@ from tests.e2e.harness import (
     alert,
     close_broker_connections,
     forked_pids,
-    free_port,
     http_get,
     lines_with,
     metric_values,
@@ -47,6 +47,7 @@ from tests.e2e.harness import (
     wait_until,
     webhook_ids_by_alert,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -350,6 +351,36 @@ def test_an_unmigrated_database_halts_the_master_with_exit_3_after_one_fork_per_
         assert len(spawned(log)) <= 2, "forked again after a child refused the config"
         assert lines_with(log, "halting (exit 3)")
         assert not Path(proc.control).exists()
+
+
+@pytest.mark.parametrize("key", ["metrics_port", "control_socket", "pidfile"])
+def test_a_port_in_use_or_an_unwritable_path_is_refused_at_start_in_one_line_naming_it(
+    tmp_path: Path, fresh_vhost: str, fresh_db: str, key: str,
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        metrics = busy if key == "metrics_port" else free_port()
+        extra = {"metrics_port": [],
+                 "control_socket": ["--control-socket", str(missing / "control.sock")],
+                 "pidfile": ["--pidfile", str(missing / "alertd.pid")]}[key]
+        with Alertd(tmp_path, fresh_vhost, fresh_db, "--metrics-port", str(metrics), *extra,
+                    workers=2) as proc:
+            assert proc.wait(20) == 1, proc.log()
+            log = proc.log()
+    where = {"metrics_port": f"127.0.0.1:{busy}: Address already in use",
+             "control_socket": f"{missing / 'control.sock'}: No such file or directory",
+             "pidfile": f"{missing / 'alertd.pid'}: No such file or directory"}[key]
+    verb = "write" if key == "pidfile" else "listen on"
+    assert log.strip().splitlines()[-1] == f"alertd: error: {key}: cannot {verb} {where}", log
+    assert "Traceback" not in log, log
+    assert spawned(log) == [], "forked children before it could serve them"
+    assert not Path(proc.control).exists()
+    if key == "pidfile":
+        with socket.socket() as again:  # the metrics port it had bound is released
+            again.bind(("127.0.0.1", metrics))
 
 
 def test_an_unreachable_database_keeps_children_booting_without_a_fork_storm(

@@ -14,7 +14,6 @@ from tests.e2e.harness import (
     Alertd,
     Servers,
     alert,
-    free_port,
     http_get,
     kill_quietly,
     metric_values,
@@ -22,6 +21,7 @@ from tests.e2e.harness import (
     rows,
     wait_until,
 )
+from tests.ports import free_port
 from tests.unit.test_observability_files import (
     RABBITMQ_METRICS,
     autoscale_only,

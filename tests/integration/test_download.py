@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import socket
 import stat
 import subprocess
 import time
@@ -21,6 +20,7 @@ from alertd.adapters.download import HttpVideoFetcher
 from alertd.errors import ErrorCode, PermanentError, ProcessingError, TransientError
 from alertd.netguard import AddressGuard
 from tests.e2e.harness import eventually
+from tests.ports import free_port
 from tests.servers import ClipServer, payload, sha256_of
 
 # Loopback as the servers use it; ::1 too since "localhost" may resolve to it.
@@ -73,12 +73,6 @@ async def download_error(fetcher: HttpVideoFetcher, url: str) -> ProcessingError
 
 def exists(path: str) -> bool:
     return os.path.exists(path)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_download_yields_a_private_file_with_size_and_sha256_removed_after_the_block(
@@ -150,7 +144,7 @@ async def test_query_strings_of_signed_urls_never_reach_error_messages(
 
 
 async def test_connection_refused_is_transient(fetcher: HttpVideoFetcher) -> None:
-    error = await download_error(fetcher, f"http://127.0.0.1:{closed_port()}/clip")
+    error = await download_error(fetcher, f"http://127.0.0.1:{free_port()}/clip")
     assert isinstance(error, TransientError)
     assert error.code is ErrorCode.DOWNLOAD_FAILED
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event
 from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from tests.fakes import VIDEO_METADATA
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -78,13 +78,6 @@ async def fetch(dsn: str, query: Any, params: Any = None) -> list[tuple[Any, ...
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(query, params)
         return await cur.fetchall() if cur.description else []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import socket
 import time
 from collections.abc import AsyncIterator
 from ipaddress import ip_network
@@ -16,6 +15,7 @@ from alertd import __version__, signing
 from alertd.adapters.webhook import HttpWebhookSender, parse_retry_after
 from alertd.netguard import AddressGuard
 from alertd.ports import PendingDelivery
+from tests.ports import free_port
 from tests.servers import Reply, WebhookSink
 
 LOOPBACK_ONE = AddressGuard((ip_network("127.0.0.1/32"),))
@@ -159,10 +159,7 @@ async def test_a_slow_receiver_times_out_as_a_failure() -> None:
 
 
 async def test_connection_refused_is_a_failure_to_retry(sender: HttpWebhookSender) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = await sender.deliver(pending(f"http://127.0.0.1:{port}/hook"))
+    result = await sender.deliver(pending(f"http://127.0.0.1:{free_port()}/hook"))
     assert not result.ok and not result.permanent and result.error
 
 
