@@ -18,6 +18,7 @@ from alertd.config import Settings, from_options
 from alertd.errors import ConfigError
 from alertd.handle import MASTER_SIGNALS
 from alertd.master import Arbiter
+from tests.ports import free_port
 
 INTERVAL = 5.0
 
@@ -189,10 +190,7 @@ def test_a_hung_probe_is_killed_and_the_master_never_waits_for_it(
 
 def scaler_of_an_unreachable_broker(selector: selectors.BaseSelector) -> Autoscaler:
     """An autoscaler whose broker address is a loopback port nobody listens on."""
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    return Autoscaler(Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+    return Autoscaler(Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F",
                                autoscale=(1, 4)), selector)
 
 
