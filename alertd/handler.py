@@ -117,18 +117,13 @@ class AlertHandler:
         )
         match decision:
             # Most common first: a new outcome committed.
-            case Recorded(outcome, new=True):
+            case Recorded(outcome):
                 code = str(outcome.failure.code) if outcome.failure else ""
                 self._stats.count("alerts", str(outcome.status), code)
                 if outcome.metadata is not None:
                     self._stats.count("downloaded_bytes", by=int(outcome.metadata["size_bytes"]))
                 self._stats.observe("end_to_end", time.monotonic() - started)
                 self._on_committed()
-                return Ack()
-            case Recorded():  # new=False
-                # Processed twice at once (a redelivery raced the original):
-                # the other one's result was stored, this one's was dropped.
-                self._stats.count("duplicates")
                 return Ack()
             case ConflictingDuplicate():
                 self._stats.count("invalid", "duplicate_alert_id")

@@ -41,10 +41,9 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """The outcome is committed (with its outbox row when ``new``)."""
+    """This delivery's outcome is committed, with its outbox row."""
 
     outcome: Outcome
-    new: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +89,8 @@ async def process_alert(
     never failed or acked because the database blinked.
     """
     on_stage(Stage.DEDUP)
-    stored = await _until_store_answers(lambda: store.recorded_fingerprint(alert.alert_id), sleep)
-    if stored is not None:
-        if stored and stored != alert.fingerprint:
-            return ConflictingDuplicate()
-        return AlreadyRecorded()
+    if (seen := await _already_stored(alert, store, sleep)) is not None:
+        return seen
 
     try:
         metadata = await extract_metadata(alert, fetcher=fetcher, prober=prober, on_stage=on_stage)
@@ -112,8 +108,22 @@ async def process_alert(
 
     on_stage(Stage.STORE)
     event = webhook_event(outcome, default_url=default_webhook_url)
-    new = await _until_store_answers(lambda: store.record_outcome(outcome, event), sleep)
-    return Recorded(outcome, new)
+    if await _until_store_answers(lambda: store.record_outcome(outcome, event), sleep):
+        return Recorded(outcome)
+    # Another delivery of this id committed first while this one was processed:
+    # a redelivery racing the original, or a producer reusing the id at once.
+    return await _already_stored(alert, store, sleep) or AlreadyRecorded()
+
+
+async def _already_stored(alert: Alert, store: ResultStore,
+                          sleep: Sleep) -> AlreadyRecorded | ConflictingDuplicate | None:
+    """None when no outcome for the alert's id is committed; else whether it was this request."""
+    stored = await _until_store_answers(lambda: store.recorded_fingerprint(alert.alert_id), sleep)
+    if stored is None:
+        return None
+    if stored and stored != alert.fingerprint:
+        return ConflictingDuplicate()
+    return AlreadyRecorded()
 
 
 async def extract_metadata(

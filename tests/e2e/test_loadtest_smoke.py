@@ -262,7 +262,7 @@ async def test_noop_world_lets_the_use_case_run_without_any_io() -> None:
     decision = await process_alert(alert, attempt=Attempt(1, 3, utc_now()),
                                    fetcher=world.fetcher, prober=world.prober,
                                    store=world.store, sleep=no_sleep)
-    assert isinstance(decision, Recorded) and decision.new
+    assert isinstance(decision, Recorded)
     assert decision.outcome.status is Status.DONE
     assert await world.outbox.claim_due(16, 60.0) == ()
     await world.postgres.check_schema()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from alertd.domain import Alert, DownloadedVideo, Stage, Status
 from alertd.errors import ErrorCode, PermanentError, TransientError
@@ -42,7 +45,7 @@ async def test_a_good_clip_is_stored_done_with_size_and_hash_and_one_webhook() -
     store = InMemoryStore()
     fetcher = FakeFetcher({ALERT.video_url: DownloadedVideo("/tmp/x.mp4", 4242, "cd" * 32)})
     decision = await run(fetcher=fetcher, store=store)
-    assert isinstance(decision, Recorded) and decision.new
+    assert isinstance(decision, Recorded)
     row = store.rows["a-1"]
     assert row.status is Status.DONE and row.failure is None
     assert row.metadata is not None
@@ -117,7 +120,7 @@ async def test_a_probe_failure_is_recorded_as_not_a_video() -> None:
 async def test_a_store_outage_is_waited_out_not_turned_into_a_failure() -> None:
     store = InMemoryStore(outages=4)
     decision = await run(store=store)
-    assert isinstance(decision, Recorded) and decision.new
+    assert isinstance(decision, Recorded)
     assert store.rows["a-1"].status is Status.DONE
     assert store.calls == 6
 
@@ -145,6 +148,36 @@ async def test_a_reused_alert_id_with_a_different_request_is_a_conflict_not_a_du
     decision = await run(reused, store=store, fetcher=fetcher)
     assert isinstance(decision, ConflictingDuplicate)
     assert fetcher.fetched == [] and len(store.outbox) == 1
+
+
+@dataclass
+class RacedFetcher(FakeFetcher):
+    """While this delivery downloads, another delivery of ``racer`` commits first."""
+
+    racer: Alert = ALERT
+    store: InMemoryStore = field(default_factory=InMemoryStore)
+
+    @asynccontextmanager
+    async def fetch_video(self, url: str) -> AsyncIterator[DownloadedVideo]:
+        assert isinstance(await run(self.racer, store=self.store), Recorded)
+        async with super().fetch_video(url) as video:
+            yield video
+
+
+async def test_a_redelivery_that_loses_the_race_to_commit_is_a_duplicate() -> None:
+    store = InMemoryStore()
+    decision = await run(store=store, fetcher=RacedFetcher(store=store))
+    assert isinstance(decision, AlreadyRecorded)
+    assert len(store.outbox) == 1
+
+
+async def test_a_reused_id_that_loses_the_race_to_commit_is_a_conflict_not_a_duplicate() -> None:
+    store = InMemoryStore()
+    reused = Alert(alert_id="a-1", video_url="http://clips.test/other.mp4",
+                   webhook_url="http://hooks.test/h", attributes={"camera": 7})
+    decision = await run(reused, store=store, fetcher=RacedFetcher(store=store))
+    assert isinstance(decision, ConflictingDuplicate)
+    assert store.rows["a-1"].alert == ALERT and len(store.outbox) == 1
 
 
 def test_the_fingerprint_ignores_the_id_and_key_order_but_not_the_request() -> None:
