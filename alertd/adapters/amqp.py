@@ -262,7 +262,16 @@ class AmqpConsumer:
             await channel.basic_qos(prefetch_count=self._settings.concurrency)
             self._acks = AckBatcher(channel)
             ok = await channel.basic_consume(self._settings.queue, self._on_message, no_ack=False)
-        self._consumer_tag = ok.consumer_tag
+        self._consumer_tag = tag = ok.consumer_tag
+        if self._stopping.is_set():
+            # stop_consuming() ran during the (re)connect, before this consumer
+            # existed: cancel it now, or the broker keeps delivering to a
+            # consumer that nacks everything back, each nack counting toward
+            # the queue's delivery limit, until the child exits.
+            if tag is not None:
+                with contextlib.suppress(*AMQP_FAILURES):
+                    await asyncio.wait_for(channel.basic_cancel(tag), 5)
+            return
         self.consuming.set()
         log.info("consuming %r with %d slots", self._settings.queue, self._settings.concurrency)
 
@@ -458,6 +467,7 @@ class AmqpConsumer:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._consumer_tag = None  # it named a consumer on the channel just dropped
         acks, self._acks = self._acks, None
         self._publisher = None
         if connection is not None and not connection.is_closed:
