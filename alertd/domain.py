@@ -6,6 +6,7 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,6 +203,11 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
     if not isinstance(attributes, dict):
         raise InvalidMessage(_field_problem("attributes", attributes, "an object"))
 
+    if "\\u0000" in text:  # rare: only then look for a NUL, which PostgreSQL cannot store
+        for key in ("source", "attributes"):
+            if _has_nul(doc.get(key)):
+                raise InvalidMessage(f"invalid_field: {key} contains a NUL character (\\u0000)")
+
     return Alert(
         alert_id=alert_id,
         video_url=video_url,
@@ -210,6 +216,17 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
         source=source,
         attributes=attributes,
     )
+
+
+def _has_nul(value: object) -> bool:
+    """Whether a NUL is in a string, an object's key or a value nested in ``value``."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _http_url(doc: JSON, key: str, *, required: bool) -> str | None:
@@ -228,11 +245,16 @@ def _http_url(doc: JSON, key: str, *, required: bool) -> str | None:
     return value
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 @functools.lru_cache(maxsize=1024)
 def _url_problem(value: str) -> str:
     """What is wrong with an http(s) URL, "" when nothing; cached, as most alerts
     of a producer name the same webhook URL (at most 1024 x MAX_URL_LEN
     characters: ~16 MiB per child in the worst case of 4-byte characters)."""
+    if _CONTROL_CHARACTER.search(value):
+        return "has control characters (they must be percent-encoded)"
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises ValueError on a port out of range

@@ -7,6 +7,7 @@ this module never sees a delivery tag, and the use case never sees a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -152,7 +153,10 @@ def _attempt_of(headers: Mapping[str, object], max_attempts: int) -> Attempt:
     now = dt.datetime.now(dt.UTC)
     received_at = now
     if isinstance(received, int) and received > 0:
-        received_at = dt.datetime.fromtimestamp(received / 1000, dt.UTC)
+        # Set by alertd on a retry; a header from elsewhere may be out of range
+        # for a datetime, and every attempt would then fail the same way.
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            received_at = dt.datetime.fromtimestamp(received / 1000, dt.UTC)
     return Attempt(
         number=number if isinstance(number, int) and number >= 1 else 1,
         max_attempts=max_attempts,

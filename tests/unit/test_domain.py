@@ -55,6 +55,13 @@ def test_a_complete_message_becomes_an_alert_and_unknown_keys_are_ignored() -> N
     ({**GOOD, "occurred_at": "2026-11-28T10:00:00"}, "invalid_field: occurred_at needs"),
     ({**GOOD, "attributes": [1]}, "invalid_field: attributes must be an object, got array"),
     ({**GOOD, "source": 3}, "invalid_field: source must be a string"),
+    # PostgreSQL stores no NUL in text or jsonb: refused here, not after five downloads.
+    ({**GOOD, "source": "cam\x00"}, "invalid_field: source contains a NUL character"),
+    ({**GOOD, "attributes": {"a": ["x", {"b": "\x00"}]}},
+     "invalid_field: attributes contains a NUL character"),
+    ({**GOOD, "attributes": {"\x00": 1}}, "invalid_field: attributes contains a NUL character"),
+    ({**GOOD, "video_url": "http://x/v\x00"}, "invalid_field: video_url has control characters"),
+    ({**GOOD, "webhook_url": "http://h/\n"}, "invalid_field: webhook_url has control characters"),
 ])
 def test_a_bad_message_is_refused_with_a_specific_reason(body: object, reason: str) -> None:
     with pytest.raises(InvalidMessage) as info:
@@ -104,3 +111,8 @@ def test_utc_times_format_the_same_with_or_without_the_shortcut() -> None:
     value = dt.datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=dt.UTC)
     as_fixed_offset = value.astimezone(dt.timezone(dt.timedelta(0)))  # UTC, not the singleton
     assert format_time(value) == format_time(as_fixed_offset) == "2026-01-02T03:04:05.999Z"
+
+
+def test_an_escaped_backslash_before_u0000_is_text_not_a_nul() -> None:
+    alert = parse({**GOOD, "source": "\\u0000", "attributes": {"k": "\\u0000"}})
+    assert alert.source == "\\u0000" and alert.attributes == {"k": "\\u0000"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import orjson
 
 from alertd.config import Settings
@@ -102,3 +104,12 @@ async def test_a_reused_alert_id_for_another_request_is_dead_lettered_with_its_r
     assert isinstance(disposition, DeadLetter)
     assert disposition.reason.startswith("duplicate_alert_id:")
     assert stats.counters[("invalid", "duplicate_alert_id")] == 1
+
+
+async def test_a_received_at_header_out_of_range_is_ignored_not_a_crash() -> None:
+    store = InMemoryStore()
+    handle, stats = handler(store=store)
+    headers = {ATTEMPT_HEADER: 2, RECEIVED_AT_HEADER: 10**15}
+    assert await handle(InboundMessage(BODY, headers, False), stats.open_slot()) == Ack()
+    row = store.rows["h-1"]
+    assert row.attempts == 2 and row.received_at.year == dt.datetime.now(dt.UTC).year
