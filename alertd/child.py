@@ -173,8 +173,14 @@ class Child:
         if self._max_alerts and processed >= self._max_alerts:
             log.info("recycling after %d alerts", processed)
             return True
-        if s.max_memory_per_child and rss_bytes() > s.max_memory_per_child:
-            log.info("recycling: RSS %d > %d bytes", rss_bytes(), s.max_memory_per_child)
+        if s.max_memory_per_child and (rss := rss_bytes()) > s.max_memory_per_child:
+            if processed:
+                log.info("recycling: RSS %d > %d bytes", rss, s.max_memory_per_child)
+            else:  # a limit meant in MB, given in bytes: the fleet churns through forks
+                log.warning("recycling: RSS %d > %d bytes before a single alert: "
+                            "max_memory_per_child (bytes) is below a child's own size, so "
+                            "every child recycles within a second", rss,
+                            s.max_memory_per_child)
             return True
         return False
 

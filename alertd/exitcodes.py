@@ -13,7 +13,9 @@ EXIT_USAGE = 2
 
 EXIT_CONFIG = 3
 """Bad configuration or database schema: refused at start. A child that exits
-with this makes the master halt with it too, instead of fork-looping."""
+with this while no child consumes makes the master halt with it too, instead
+of fork-looping; during a HUP rollover the master goes back to the previous
+config instead, and otherwise the others keep serving while it backs off."""
 
 EXIT_RECYCLED = 4
 """A child left on purpose (--max-alerts-per-child / --max-memory-per-child);

@@ -34,6 +34,7 @@ RESTART_BACKOFF_FIRST_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 # A child that consumed for this long has proven itself: its slot's backoff resets.
 STABLE_AFTER_S = 10.0
+ROLLOVER_STALL_S = 60.0
 SUMMARY_EVERY_S = 60.0
 FORK_RETRY_S = 1.0
 
@@ -63,6 +64,9 @@ class Arbiter:
         self._failures: dict[int, int] = {}     # slot index -> consecutive crashes
         self._not_before: dict[int, float] = {}  # slot index -> earliest respawn
         self._replacing: dict[int, int] = {}    # new pid -> old pid (HUP rollover)
+        # HUP: what to go back to if a new child refuses the reloaded config.
+        self._before_reload: tuple[Settings, int, int] | None = None
+        self._stall_logged: set[int] = set()     # replacements reported as not consuming
         self._ready_sent = False
         self._last_summary = time.monotonic()
         self._selector = selectors.DefaultSelector()
@@ -183,6 +187,8 @@ class Arbiter:
                 log.error("reload refused, keeping the running config: %s", exc)
                 return
             previous = self.num_workers
+            if self._before_reload is None:  # else a rollover is still going: keep its origin
+                self._before_reload = (self.settings, previous, self.generation)
             self.settings = new
             self.num_workers = new.workers
             self._reconfigure_autoscale(new, previous)
@@ -247,10 +253,20 @@ class Arbiter:
                 f"; in flight, to be redelivered: {in_flight}" if in_flight and not planned
                 else "")
         if code == EXIT_CONFIG and not self.stopping:
-            log.error("a child refused the configuration: halting (exit %d)", EXIT_CONFIG)
-            self.exit_code = EXIT_CONFIG
-            self.handle_term()
-            return
+            if self._before_reload is not None and child.generation == self.generation:
+                self._roll_back(child)
+                return
+            if not any(c.state == "consuming" for c in self.children.values()):
+                log.error("a child refused the configuration: halting (exit %d)", EXIT_CONFIG)
+                self.exit_code = EXIT_CONFIG
+                self.handle_term()
+                return
+            # The others run and consume: halting them all would turn one
+            # child's refusal (a database migrated by a newer release) into an
+            # outage. Its slot waits out the crash backoff like any crash.
+            log.error("child %d refused the configuration; the %d consuming children keep "
+                      "running, and it is retried with backoff", child.index,
+                      sum(c.state == "consuming" for c in self.children.values()))
         if planned or code == EXIT_RECYCLED:
             return
         self.aggregate.count_restart()
@@ -262,6 +278,27 @@ class Arbiter:
         self._not_before[child.index] = time.monotonic() + delay
         log.warning("child %d will be replaced in %.1fs (crash %d in a row)",
                     child.index, delay, failures)
+
+    def _roll_back(self, child: ChildHandle) -> None:
+        """A child of the reloaded config refused it: back to the config before the HUP.
+
+        The children still on that config become current again; any that
+        already run the refused one are replaced one by one, like a HUP.
+        """
+        assert self._before_reload is not None
+        settings, workers, kept = self._before_reload
+        self._before_reload = None
+        log.error("reload refused: child %d of generation %d exited %d (bad configuration); "
+                  "going back to the configuration before the HUP", child.index,
+                  child.generation, EXIT_CONFIG)
+        previous = self.num_workers
+        self.settings = settings
+        self.num_workers = workers
+        self._reconfigure_autoscale(settings, previous)
+        self.generation += 1
+        for other in self.children.values():
+            if other.generation <= kept:
+                other.generation = self.generation
 
     def murder_hung(self) -> None:
         now = time.monotonic()
@@ -289,13 +326,18 @@ class Arbiter:
         for index in range(self.num_workers):
             if index not in present and now >= self._not_before.get(index, 0.0):
                 self._try_spawn(index)
-        for child in active:
-            if child.index >= self.num_workers:
-                self.retire(child)
+        # Fewer children (TTOU, autoscale): retire the extra ones once every
+        # remaining slot consumes, not while one waits out a crash backoff.
+        serving = {c.index for c in active if c.state == "consuming"}
+        if serving.issuperset(range(self.num_workers)):
+            for child in active:
+                if child.index >= self.num_workers:
+                    self.retire(child)
         self._roll_over(active)
 
     def _roll_over(self, active: list[ChildHandle]) -> None:
         """HUP: one child at a time, the new one consuming before the old one drains."""
+        now = time.monotonic()
         for new_pid, old_pid in list(self._replacing.items()):
             new, old = self.children.get(new_pid), self.children.get(old_pid)
             if new is None or old is None:
@@ -303,9 +345,23 @@ class Arbiter:
             elif new.state == "consuming":
                 del self._replacing[new_pid]
                 self.retire(old)
+            elif new.generation < self.generation:
+                # A later HUP came before it consumed (a config it cannot run
+                # with: a wrong vhost, an unreachable host): it goes, the old
+                # child stays until the new generation's replacement consumes.
+                del self._replacing[new_pid]
+                self.retire(new)
+            elif now - new.started > ROLLOVER_STALL_S and new_pid not in self._stall_logged:
+                self._stall_logged.add(new_pid)
+                log.error("reload: child %d pid %d (generation %d) is not consuming after "
+                          "%.0fs; child %d pid %d keeps serving. Fix the config and send "
+                          "HUP again", new.index, new.pid, new.generation, now - new.started,
+                          old.index, old.pid)
         if self._replacing:
             return
-        now = time.monotonic()
+        if not any(c.generation < self.generation for c in self.children.values()):
+            self._before_reload = None  # the rollover is done: that config is the one
+            self._stall_logged.clear()
         for child in active:
             # ``active`` predates the retire() above: a child retired there
             # already has its successor and must not get a second one.

@@ -7,6 +7,7 @@ import selectors
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,7 @@ from alertd import sdnotify
 from alertd.config import Settings
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_RECYCLED
 from alertd.handle import ChildHandle
-from alertd.master import Arbiter, restart_delay
+from alertd.master import ROLLOVER_STALL_S, Arbiter, restart_delay
 from alertd.stats import ChildStats
 
 
@@ -127,6 +128,98 @@ def test_a_hup_replacement_that_crashes_waits_out_the_backoff_instead_of_fork_lo
     arbiter._not_before.clear()  # the backoff ran out
     arbiter.manage_children()
     assert len(arbiter.spawned) == 2  # type: ignore[attr-defined]
+
+
+def test_a_hup_whose_new_child_refuses_the_config_goes_back_to_the_old_config(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    # It passed the master's validation; only a child finds out (an unmigrated
+    # database, no ffprobe on this host) and exits 3.
+    before = arbiter.settings
+    arbiter._reload = lambda: replace(before, dsn="postgresql://elsewhere/unmigrated")
+    old, new = hup_with_one_consuming_child(arbiter, kids)
+    assert arbiter.settings.dsn.endswith("/unmigrated") and new.generation == 1
+    del arbiter.children[new.pid]
+    arbiter._on_exit(new, EXIT_CONFIG)
+    assert arbiter.stopping is None and arbiter.exit_code != EXIT_CONFIG
+    assert arbiter.settings is before
+    assert old.generation == arbiter.generation and not old.retiring
+    for _ in range(3):
+        arbiter.manage_children()
+    assert arbiter.spawned == [new]  # type: ignore[attr-defined]
+
+
+def test_a_child_refusing_the_config_while_others_consume_is_retried_with_backoff(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # E.g. a newer release migrated the database: the running children keep
+    # serving instead of the whole fleet halting.
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    arb = Arbiter(Settings(workers=2, heartbeat_timeout=5))
+    serving = kids.make(1, state="consuming")
+    arb.children = {serving.pid: serving}
+    arb._on_exit(kids.make(0), EXIT_CONFIG)
+    assert arb.stopping is None and arb.exit_code != EXIT_CONFIG
+    assert arb._not_before[0] > time.monotonic() and arb.aggregate.restarts == 1
+
+
+def test_a_replacement_that_never_consumes_is_superseded_by_the_next_hup(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    old, stuck = hup_with_one_consuming_child(arbiter, kids)
+    stuck.state = "connecting"  # e.g. a wrong vhost: it retries for ever
+    arbiter.handle_hup()  # the config fixed
+    arbiter.manage_children()
+    assert stuck.retiring and not old.retiring
+    arbiter.manage_children()
+    fixed = arbiter.spawned[-1]  # type: ignore[attr-defined]
+    assert fixed.generation == 2 and fixed.index == 0
+    fixed.state = "consuming"
+    arbiter.manage_children()
+    assert old.retiring
+
+
+def test_a_replacement_not_consuming_after_a_minute_is_reported_once(
+    arbiter: Arbiter, kids: Kids, caplog: pytest.LogCaptureFixture,
+) -> None:
+    old, stuck = hup_with_one_consuming_child(arbiter, kids)
+    arbiter.manage_children()
+    assert "not consuming" not in caplog.text
+    stuck.started -= ROLLOVER_STALL_S + 1
+    for _ in range(3):
+        arbiter.manage_children()
+    [report] = [r for r in caplog.records if "not consuming" in r.getMessage()]
+    assert report.levelname == "ERROR" and f"pid {old.pid} keeps serving" in report.getMessage()
+    assert not old.retiring and len(arbiter.spawned) == 1  # type: ignore[attr-defined]
+
+
+def test_ttou_retires_the_extra_child_only_once_the_slots_left_consume(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    arb = Arbiter(Settings(workers=2, heartbeat_timeout=5))
+    spawned: list[ChildHandle] = []
+
+    def fake_spawn(index: int) -> ChildHandle:
+        spawned.append(child := kids.make(index, arb.generation))
+        arb.children[child.pid] = child
+        return child
+
+    monkeypatch.setattr(arb, "spawn", fake_spawn)
+    one = kids.make(1, state="consuming")
+    arb.children = {one.pid: one}
+    for _ in range(4):  # child 0 keeps crashing: its slot waits out a backoff
+        arb._on_exit(kids.make(0), EXIT_CRASH)
+    arb.handle_ttou()
+    arb.manage_children()
+    assert not one.retiring, "TTOU left no child consuming until the backoff ended"
+    arb._not_before.clear()
+    arb.manage_children()
+    [zero] = spawned
+    assert not one.retiring  # not before its successor consumes
+    zero.state = "consuming"
+    arb.manage_children()
+    assert one.retiring
 
 
 def test_a_hup_retires_the_old_child_only_once_its_successor_consumes(
