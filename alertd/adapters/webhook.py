@@ -151,6 +151,9 @@ def _result(response: aiohttp.ClientResponse, duration_s: float) -> DeliveryResu
     )
 
 
+RETRY_AFTER_MAX_S = 366 * 86400
+
+
 def parse_retry_after(value: str | None, *, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date), or None.
 
@@ -160,7 +163,9 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
         return None
     text = value.strip()
     if text.isascii() and text.isdigit():
-        return float(int(text))
+        # Beyond a year it means "much later" (the outbox caps it anyway); a
+        # receiver's thousand-digit value must not overflow int() or float().
+        return float(RETRY_AFTER_MAX_S if len(text) > 12 else min(int(text), RETRY_AFTER_MAX_S))
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from alertd import __version__, signing
-from alertd.adapters.webhook import HttpWebhookSender, parse_retry_after
+from alertd.adapters.webhook import RETRY_AFTER_MAX_S, HttpWebhookSender, parse_retry_after
 from alertd.netguard import AddressGuard
 from alertd.ports import PendingDelivery
 from tests.ports import free_port
@@ -125,6 +125,9 @@ def test_retry_after_parsing_handles_past_dates_and_garbage() -> None:
     assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == 30.0
     assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
     assert parse_retry_after("soon", now=now) is None
+    # A receiver's absurd value means "much later", neither an overflow nor a crash.
+    assert parse_retry_after("9" * 400, now=now) == parse_retry_after("9" * 5000, now=now) \
+        == RETRY_AFTER_MAX_S
     assert parse_retry_after("-5", now=now) is None
     assert parse_retry_after(None, now=now) is None
 
