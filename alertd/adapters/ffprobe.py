@@ -35,6 +35,16 @@ ACCEPTED_FORMATS = (
     "mp3", "aac", "wav", "flac", "h264", "hevc",
 )
 
+# Only what normalize_probe reads. Tags (a clip's comment can be megabytes)
+# and everything else are left out, so that the output cap refuses only
+# absurd files, not a valid clip with a big tag.
+SHOW_ENTRIES = (
+    "format=format_name,duration,bit_rate"
+    ":stream=index,codec_type,codec_name,width,height,pix_fmt,avg_frame_rate,r_frame_rate,"
+    "sample_rate,channels,duration"
+    ":stream_disposition=attached_pic"
+)
+
 _ADDRESS = re.compile(r" @ 0x[0-9a-f]+")
 
 
@@ -88,7 +98,7 @@ class FfprobeProber:
     async def _start(self, target: str) -> asyncio.subprocess.Process:
         argv = [
             self._ffprobe, "-v", "error", "-hide_banner",
-            "-print_format", "json", "-show_format", "-show_streams",
+            "-print_format", "json", "-show_entries", SHOW_ENTRIES,
             "-protocol_whitelist", "file", "-format_whitelist", ",".join(ACCEPTED_FORMATS),
             "-i", target,
         ]

@@ -151,6 +151,10 @@ MORE_FORMATS: dict[str, list[str]] = {
     "mp3.mp3": [*_TONE, "-c:a", "libmp3lame"],
     "fonts.mkv": [*_BARS, "-c:v", "libx264", "-attach", "{font}",
                   "-metadata:s:t", "mimetype=application/x-truetype-font"],
+    # A 5 MiB comment tag: ffprobe printing every tag once passed its 4 MiB
+    # output cap and called a valid clip not_a_video (found by a review).
+    "bigtag.mkv": [*_BARS, "-f", "ffmetadata", "-i", "{tags}", "-map", "0", "-map_metadata", "1",
+                   "-c:v", "libx264"],
 }
 KNOWN_DIFFERENCES = ("mp3.mp3", "fonts.mkv")
 
@@ -160,12 +164,14 @@ def more_formats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("formats")
     font = directory / "font.ttf"
     font.write_bytes(b"\x00\x01\x00\x00 not really a font")
+    tags = directory / "tags.txt"
+    tags.write_text(";FFMETADATA1\ncomment=" + "A" * (5 * 1024 * 1024) + "\n")
     made = {}
     for name, args in MORE_FORMATS.items():
         # piped.webm goes through a pipe: no duration in its header.
         out = "pipe:1" if name == "piped.webm" else str(directory / name)
         argv = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y",
-                *(a.format(font=font) for a in args), out]
+                *(a.format(font=font, tags=tags) for a in args), out]
         result = subprocess.run(argv, capture_output=True, timeout=60, check=True)
         if name == "piped.webm":
             (directory / name).write_bytes(result.stdout)
