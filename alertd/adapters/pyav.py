@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import struct
@@ -32,6 +33,8 @@ import orjson
 from alertd.domain import JSON
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
 from alertd.media import normalize_probe
+
+log = logging.getLogger(__name__)
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -126,6 +129,15 @@ class PyAVProber:
         try:
             if self._closed:
                 raise TransientError(ErrorCode.PROBE_CRASHED, "pyav prober is closed")
+            if helper is not None and not helper.alive:
+                # Killed while idle (the OOM killer, an operator): not this
+                # clip's doing, so it must not fail this alert.
+                self._live.discard(helper)
+                cause = await helper.death_cause()
+                await helper.kill()  # reaped; its pipes closed
+                log.warning("pyav helper pid %d died while idle (%s); starting another",
+                            helper.pid, cause)
+                helper = None
             if helper is None:
                 helper = await self._start_helper()
             reply = await helper.ask(_absolute(path), self._timeout)
@@ -189,6 +201,11 @@ class _Helper:
     def running(self) -> bool:
         return self._process.returncode is None
 
+    @property
+    def alive(self) -> bool:
+        """Not exited, and its output not closed (seen before the exit is reaped)."""
+        return self.running and not self._stdout.at_eof()
+
     async def wait_ready(self, within_s: float) -> None:
         """Wait for the helper's ready frame; ``TransientError`` if it never comes."""
         try:
@@ -197,7 +214,7 @@ class _Helper:
         except TimeoutError:
             cause = f"not ready after {within_s:g}s"
         except _HelperGone:
-            cause = await self._death_cause()
+            cause = await self.death_cause()
         except PermanentError as exc:
             cause = exc.message
         else:
@@ -218,7 +235,7 @@ class _Helper:
                     ErrorCode.PROBE_TIMEOUT, f"pyav helper ran longer than {within_s:g}s; killed"
                 ) from None
             except _HelperGone:
-                raise PermanentError(ErrorCode.PROBE_CRASHED, await self._death_cause()) from None
+                raise PermanentError(ErrorCode.PROBE_CRASHED, await self.death_cause()) from None
         except BaseException:
             # Timeout, crash, a broken frame or our task cancelled: a reply may
             # still be on its way, so this helper can never be trusted again.
@@ -261,7 +278,7 @@ class _Helper:
             raise PermanentError(ErrorCode.PROBE_CRASHED, "pyav helper sent a broken frame; killed")
         return message
 
-    async def _death_cause(self) -> str:
+    async def death_cause(self) -> str:
         """Why the helper closed its output, once it has exited (killed if it lingers)."""
         try:
             async with asyncio.timeout(_EXIT_GRACE_S):

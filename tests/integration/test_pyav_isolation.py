@@ -8,6 +8,7 @@ whose reaping is checked in /proc.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import textwrap
@@ -109,6 +110,21 @@ async def test_a_crashed_helper_is_replaced_and_later_probes_succeed(
 
     assert len(pool.helper_pids()) == 2
     assert crashed not in pool.helper_pids()
+
+
+async def test_a_helper_killed_while_idle_is_replaced_without_failing_the_next_probe(
+    clips: dict[str, Path], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The OOM killer picks a helper bloated by its last clip, between alerts:
+    # the next alert's clip did nothing wrong (found by a review).
+    async with PyAVProber(timeout=5, size=1) as pool:
+        [idle] = pool.helper_pids()
+        os.kill(idle, signal.SIGKILL)
+        assert await wait_until_gone(idle)
+        metadata = await pool.probe(str(clips["mp4"]))
+        assert metadata["video"] is not None
+        assert is_reaped(idle) and idle not in pool.helper_pids()
+    assert f"pyav helper pid {idle} died while idle (pyav helper killed by SIGKILL)" in caplog.text
 
 
 async def test_a_clip_that_always_crashes_fails_each_time_and_the_pool_keeps_working(
