@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -73,6 +74,8 @@ class Settings:
                 value = [f"whsec_*** ({len(value)} set)"] if value else []
             elif f.name in ("amqp_url", "dsn"):
                 value = mask_url(value)
+            elif f.name == "webhook_url" and value is not None:
+                value = mask_url(value, every_query_value=True)
             elif f.name == "allow_networks":
                 value = [str(n) for n in value]
             elif f.name == "autoscale" and value is not None:
@@ -120,7 +123,8 @@ def validate(settings: Settings) -> Settings:
     if s.webhook_url is not None:
         parts = urlsplit(s.webhook_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"webhook_url: must be an http(s) URL, got {s.webhook_url!r}")
+            raise ConfigError("webhook_url: must be an http(s) URL, got "
+                              f"{mask_url(s.webhook_url, every_query_value=True)!r}")
     return s
 
 
@@ -201,14 +205,28 @@ def from_options(options: Mapping[str, Any], *, webhook_secret: str | None) -> S
     return settings
 
 
-def mask_url(url: str) -> str:
-    """Replace the password in a URL with ``***`` so it can be logged or printed."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+_SECRET_PARAM = re.compile(
+    r"(pass|passwd|password|secret|token|key|sig|signature|auth|credentials?)$", re.IGNORECASE)
+
+
+def mask_url(url: str, *, every_query_value: bool = False) -> str:
+    """The URL with ``***`` for its password and for query values that look
+    secret (``password=``, ``token=``...; all of them with ``every_query_value``,
+    for a webhook URL whose token may be called anything), to log or print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "***"
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        parts = parts._replace(query="&".join(
+            f"{key}{eq}***" if eq and (every_query_value or _SECRET_PARAM.search(key))
+            else f"{key}{eq}{value}" for key, eq, value in pairs))
+    return urlunsplit(parts)
 
 
 def _at_least(key: str, value: int, low: int) -> None:

@@ -99,13 +99,23 @@ def test_secrets_are_masked_in_check_config(tmp_path: Path) -> None:
     conf.write_text(f'webhook_secret = "{SECRET}"\n')
     done = alertd("check-config", "--config", str(conf),
                   "--amqp-url", "amqp://u:hunter2@127.0.0.1/v",
-                  "--dsn", "postgresql://u:pgpass@127.0.0.1/db")
+                  "--dsn", "postgresql://u:pgpass@127.0.0.1/db?sslmode=require&password=pgq",
+                  "--webhook-url", "https://hook:hookpw@hooks.test/in?t=tok3n")
     assert done.returncode == 0, done.stderr
-    for secret in (SECRET.removeprefix("whsec_"), "hunter2", "pgpass"):
+    for secret in (SECRET.removeprefix("whsec_"), "hunter2", "pgpass", "pgq", "hookpw", "tok3n"):
         assert secret not in done.stdout
     doc = orjson.loads(done.stdout)
     assert doc["webhook_secrets"] == ["whsec_*** (1 set)"]
     assert doc["amqp_url"] == "amqp://u:***@127.0.0.1/v"
+    assert doc["dsn"] == "postgresql://u:***@127.0.0.1/db?sslmode=require&password=***"
+    assert doc["webhook_url"] == "https://hook:***@hooks.test/in?t=***"
+
+
+def test_a_refused_webhook_url_is_named_without_its_secrets() -> None:
+    done = alertd("check-config", "--webhook-url", "ftp://u:hookpw@hooks.test/in?t=tok3n")
+    assert done.returncode == 3
+    assert done.stderr.strip() == ("alertd: config error: webhook_url: must be an http(s) URL, "
+                                   "got 'ftp://u:***@hooks.test/in?t=***'")
 
 
 def test_the_webhook_secret_cannot_be_given_as_a_flag() -> None:
