@@ -138,6 +138,15 @@ def webhook_event(outcome: Outcome, *, default_url: str | None) -> WebhookEvent 
     return WebhookEvent(alert_id=outcome.alert.alert_id, url=url, payload=payload)
 
 
+def webhook_receiver(url: str) -> str:
+    """Who receives a webhook: the URL's host[:port], lower case, without userinfo.
+
+    The outbox adapter computes the same from the stored URL (in SQL), so
+    that a dispatcher can leave out the rows of a receiver that hangs.
+    """
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
+
+
 def format_time(value: dt.datetime) -> str:
     """RFC 3339 in UTC with millisecond precision and a ``Z`` suffix."""
     # isoformat is C and ~5x faster than strftime; the offset of UTC is "+00:00".

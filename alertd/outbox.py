@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import random
 
+from alertd.domain import webhook_receiver
 from alertd.errors import StoreUnavailable
 from alertd.ports import (
     AttemptRecord,
@@ -25,6 +26,11 @@ BACKOFF_MAX_S = 3600.0
 POLL_INTERVAL_S = 1.0
 CLAIM_LINGER_S = 0.005
 BACKLOG_EVERY_S = 5.0
+# A receiver that does not answer (timeouts, refused or reset connections)
+# would hold every slot for its timeout while its due rows keep coming; its
+# deliveries get a small share of the slots instead, until it answers again.
+UNANSWERING_SHARE = 8          # they share concurrency // 8 slots (at least 1)
+UNANSWERING_FORGET_S = 600.0   # ... or until this long after its last failure
 
 
 def next_attempt_delay(attempts_made: int, result: DeliveryResult) -> float:
@@ -42,9 +48,11 @@ class OutboxDispatcher:
     Every child runs one; rows are claimed with a lease (SKIP LOCKED), so the
     dispatchers of all children share the work and a dead one only delays its
     rows until the lease expires. A slot that frees up is refilled at once
-    (a slow receiver holds one slot, not a batch), and finished attempts are
+    (a slow delivery holds one slot, not a batch), and finished attempts are
     written together: whatever finished while the last write was in flight
-    goes in the next one.
+    goes in the next one. A receiver whose last attempt got no answer is
+    left out of the main claims; its rows share a few slots of their own, so
+    one receiver that hangs cannot hold up everybody else's webhooks.
     """
 
     def __init__(self, outbox: WebhookOutbox, sender: WebhookSender, stats: ChildStats,
@@ -58,6 +66,11 @@ class OutboxDispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Receivers whose last attempt got no answer -> when (loop time), and
+        # the deliveries in flight to them, apart from the main slots.
+        self._unanswering: dict[str, float] = {}
+        self._unanswering_limit = max(1, concurrency // UNANSWERING_SHARE)
+        self._in_flight_unanswering: set[asyncio.Task[None]] = set()
         # True while the last claim filled every free slot: more may be due.
         self._backlogged = False
         self._finished: list[AttemptRecord] = []
@@ -111,12 +124,20 @@ class OutboxDispatcher:
                 backlog_due = loop.time() + BACKLOG_EVERY_S
                 with contextlib.suppress(StoreUnavailable):
                     self._stats.gauges["outbox_backlog"] = await self._outbox.count_pending()
-            free = self._limit - len(self._in_flight)
-            if free <= 0:
+            self._forget_unanswering(loop.time())
+            unanswering = tuple(self._unanswering)
+            free = self._limit - len(self._in_flight - self._in_flight_unanswering)
+            free_unanswering = (self._unanswering_limit - len(self._in_flight_unanswering)
+                                if unanswering else 0)
+            if free <= 0 and free_unanswering <= 0:
                 await self._pause(POLL_INTERVAL_S)
                 continue
             try:
-                claimed = await self._outbox.claim_due(free, self._lease_s)
+                claimed = await self._outbox.claim_due(
+                    free, self._lease_s, skip_receivers=unanswering) if free > 0 else ()
+                retried = await self._outbox.claim_due(
+                    free_unanswering, self._lease_s,
+                    only_receivers=unanswering) if free_unanswering > 0 else ()
                 unavailable_delay = POLL_INTERVAL_S
             except StoreUnavailable as exc:
                 log.warning("outbox: store unavailable (%s); retrying in %.0fs",
@@ -126,18 +147,43 @@ class OutboxDispatcher:
                 unavailable_delay = min(unavailable_delay * 2, 30.0)
                 continue
             for delivery in claimed:
-                task = asyncio.create_task(self._deliver(delivery))
-                self._in_flight.add(task)
-                task.add_done_callback(self._delivery_done)
-            self._backlogged = len(claimed) == free
+                self._start(delivery)
+            for delivery in retried:
+                self._in_flight_unanswering.add(self._start(delivery))
+            self._backlogged = ((free > 0 and len(claimed) == free)
+                                or (free_unanswering > 0 and len(retried) == free_unanswering))
             if not self._backlogged:
                 await self._pause(POLL_INTERVAL_S)
                 # Commits come in bursts under load: a moment's wait lets
                 # one claim take the rows of several.
                 await asyncio.sleep(CLAIM_LINGER_S)
 
+    def _start(self, delivery: PendingDelivery) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._deliver(delivery))
+        self._in_flight.add(task)
+        task.add_done_callback(self._delivery_done)
+        return task
+
+    def _forget_unanswering(self, now: float) -> None:
+        for receiver, since in list(self._unanswering.items()):
+            if now - since > UNANSWERING_FORGET_S:
+                del self._unanswering[receiver]
+
+    def _note_answer(self, delivery: PendingDelivery, result: DeliveryResult) -> None:
+        receiver = webhook_receiver(delivery.url)
+        if result.status_code is None and not result.ok and not result.permanent:
+            if receiver not in self._unanswering:
+                log.warning("webhook receiver %s does not answer (%s): its deliveries share "
+                            "%d slot(s) until it does, so that other receivers' go on",
+                            receiver, result.error, self._unanswering_limit)
+            self._unanswering[receiver] = asyncio.get_running_loop().time()
+        elif result.status_code is not None and receiver in self._unanswering:
+            del self._unanswering[receiver]
+            log.info("webhook receiver %s answers again", receiver)
+
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        self._in_flight_unanswering.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("outbox: a delivery task failed: %r", exc, exc_info=exc)
         if self._backlogged:
@@ -158,6 +204,7 @@ class OutboxDispatcher:
                           delivery.alert_id)
             result = DeliveryResult(ok=False, error=f"internal_error: {type(exc).__name__}")
         attempts_made = delivery.attempts + 1
+        self._note_answer(delivery, result)
         self._stats.observe("notify", result.duration_s)
         next_at = None
         if result.ok:

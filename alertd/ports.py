@@ -7,7 +7,7 @@ below is what callers may rely on and what an adapter must honour.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -103,12 +103,17 @@ class AttemptRecord:
 
 
 class WebhookOutbox(Protocol):
-    async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
+    async def claim_due(
+        self, limit: int, lease_s: float, *, skip_receivers: Collection[str] = (),
+        only_receivers: Collection[str] | None = None,
+    ) -> Sequence[PendingDelivery]:
         """Claim up to ``limit`` deliveries that are due, for ``lease_s`` seconds.
 
         A claimed row is not handed to anyone else until its lease runs out,
-        so a process that dies mid-delivery delays it, never loses it. Raises
-        ``StoreUnavailable``.
+        so a process that dies mid-delivery delays it, never loses it.
+        ``skip_receivers`` leaves out the rows of those receivers
+        (``alertd.domain.webhook_receiver`` of their URL); ``only_receivers``
+        takes only theirs. Raises ``StoreUnavailable``.
         """
         ...
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent
+from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent, webhook_receiver
 from alertd.errors import ProcessingError, StoreUnavailable
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 
@@ -100,11 +100,16 @@ class InMemoryOutbox:
     finished: dict[int, str] = field(default_factory=dict)
     writes: list[int] = field(default_factory=list)  # attempts per record_attempts call
 
-    async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
+    async def claim_due(
+        self, limit: int, lease_s: float, *, skip_receivers: Collection[str] = (),
+        only_receivers: Collection[str] | None = None,
+    ) -> Sequence[PendingDelivery]:
         now = dt.datetime.now(dt.UTC)
         due = [d for d in self.pending
                if d.delivery_id not in self.finished
-               and self.due_at.get(d.delivery_id, now) <= now][:limit]
+               and self.due_at.get(d.delivery_id, now) <= now
+               and webhook_receiver(d.url) not in skip_receivers
+               and (only_receivers is None or webhook_receiver(d.url) in only_receivers)][:limit]
         for d in due:
             self.due_at[d.delivery_id] = now + dt.timedelta(seconds=lease_s)
         return due

@@ -243,11 +243,20 @@ class PostgresStore:
             # first outcome wins and its webhook was already queued.
             return await cur.fetchone() is not None
 
-    async def claim_due(self, limit: int, lease_s: float) -> list[PendingDelivery]:
-        if limit < 1:
+    async def claim_due(
+        self, limit: int, lease_s: float, *, skip_receivers: Collection[str] = (),
+        only_receivers: Collection[str] | None = None,
+    ) -> list[PendingDelivery]:
+        if limit < 1 or (only_receivers is not None and not only_receivers):
             return []
+        params: dict[str, Any] = {"limit": limit, "lease_s": float(lease_s)}
+        sql = _CLAIM_DUE
+        if only_receivers is not None:
+            sql, params["receivers"] = _CLAIM_DUE_ONLY, list(only_receivers)
+        elif skip_receivers:
+            sql, params["receivers"] = _CLAIM_DUE_SKIPPING, list(skip_receivers)
         async with self._connection() as conn:
-            cur = await conn.execute(_CLAIM_DUE, {"limit": limit, "lease_s": float(lease_s)})
+            cur = await conn.execute(sql, params)
             rows = await cur.fetchall()
         deliveries = [
             PendingDelivery(
@@ -385,10 +394,11 @@ _INSERT_ALERT_AND_OUTBOX: LiteralString = """
 # PostgreSQL and dropped since its next_attempt_at is now in the future. The
 # lease is the claim: no separate "in flight" state that a crash could strand.
 # A CTE, because a FOR UPDATE ... LIMIT subquery under IN may be re-run.
-_CLAIM_DUE: LiteralString = """
+_CLAIM_DUE_HEAD: LiteralString = """
     WITH due AS (
         SELECT id FROM webhook_outbox
-        WHERE status = 'pending' AND next_attempt_at <= now()
+        WHERE status = 'pending' AND next_attempt_at <= now()"""
+_CLAIM_DUE_TAIL: LiteralString = """
         ORDER BY next_attempt_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -399,6 +409,14 @@ _CLAIM_DUE: LiteralString = """
     WHERE o.id = due.id
     RETURNING o.id, o.webhook_id, o.alert_id, o.url, o.body, o.attempts
 """
+# alertd.domain.webhook_receiver in SQL: host[:port] of the URL, lower case.
+_RECEIVER: LiteralString = (
+    "lower(substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]*)'))")
+_CLAIM_DUE: LiteralString = _CLAIM_DUE_HEAD + _CLAIM_DUE_TAIL
+_CLAIM_DUE_SKIPPING: LiteralString = (
+    _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " <> ALL(%(receivers)s)" + _CLAIM_DUE_TAIL)
+_CLAIM_DUE_ONLY: LiteralString = (
+    _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " = ANY(%(receivers)s)" + _CLAIM_DUE_TAIL)
 
 # Each attempt updates its row and is logged in webhook_attempts, in one
 # statement. A row no longer pending (its lease ran out and another

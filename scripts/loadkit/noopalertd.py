@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from types import TracebackType
 
 from alertd import bootstrap
@@ -68,7 +68,10 @@ class NoopStore:
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         return True
 
-    async def claim_due(self, limit: int, lease_s: float) -> Sequence[PendingDelivery]:
+    async def claim_due(
+        self, limit: int, lease_s: float, *, skip_receivers: Collection[str] = (),
+        only_receivers: Collection[str] | None = None,
+    ) -> Sequence[PendingDelivery]:
         return ()
 
     async def count_pending(self) -> int:

@@ -24,7 +24,7 @@ from alertd.adapters.postgres import (
     schema_version,
 )
 from alertd.adapters.schema import MIGRATIONS
-from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event
+from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event, webhook_receiver
 from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from tests.fakes import VIDEO_METADATA
@@ -276,6 +276,27 @@ async def test_a_claimed_row_is_reclaimed_only_after_its_lease_expires(
     assert await store.claim_due(10, lease_s=1.0) == []
     await asyncio.sleep(1.2)
     assert await store.claim_due(10, lease_s=1.0) == first
+
+
+URLS = ["http://Dead.Test:8080/a?x=1", "https://user:pw@dead.test:8080/b", "http://dead.test/c",
+        "http://ok.test/d", "http://[::1]:81/e", "https://OK.test#f"]
+
+
+async def test_claims_can_skip_or_take_only_the_rows_of_given_receivers(
+    store: PostgresStore,
+) -> None:
+    """The SQL receiver of a URL is alertd.domain.webhook_receiver's, case and userinfo aside."""
+    for url in URLS:
+        outcome = make_outcome(webhook_url=url)
+        assert await store.record_outcome(outcome, event_for(outcome))
+    assert {webhook_receiver(u) for u in URLS} == {"dead.test:8080", "dead.test", "ok.test",
+                                                   "[::1]:81"}
+    only = await store.claim_due(10, 60, only_receivers=["dead.test:8080", "[::1]:81"])
+    assert sorted(d.url for d in only) == sorted(URLS[i] for i in (0, 1, 4))
+    assert await store.claim_due(10, 60, only_receivers=[]) == []
+    rest = await store.claim_due(10, 60, skip_receivers=["ok.test"])
+    assert [d.url for d in rest] == [URLS[2]]
+    assert sorted(d.url for d in await store.claim_due(10, 60)) == sorted(URLS[i] for i in (3, 5))
 
 
 # --- record_attempts ----------------------------------------------------------------------

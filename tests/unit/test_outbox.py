@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import Collection, Sequence
 
 import pytest
@@ -129,6 +130,72 @@ async def test_a_slow_receiver_holds_one_slot_while_the_others_keep_delivering()
     dispatcher.stop()
     await asyncio.wait_for(task, 5)
     assert outbox.finished == {n: "delivered" for n in range(1, 8)}
+
+
+class HangingReceiverSender:
+    """``dead.test`` never answers (a timeout after ``hang_s``) until ``revive`` is set;
+    every other receiver answers at once. ``started`` lists the URLs in start order."""
+
+    def __init__(self, hang_s: float) -> None:
+        self.hang_s = hang_s
+        self.revive = asyncio.Event()
+        self.started: list[str] = []
+
+    async def deliver(self, delivery: PendingDelivery) -> DeliveryResult:
+        self.started.append(delivery.url)
+        if "dead.test" in delivery.url and not self.revive.is_set():
+            await asyncio.sleep(self.hang_s)
+            return DeliveryResult(ok=False, error=f"timeout after {self.hang_s}s")
+        return DeliveryResult(ok=True, status_code=200)
+
+
+def to(receiver: str, n: int) -> PendingDelivery:
+    return PendingDelivery(n, f"msg_{n}", f"alert-{n}", f"http://{receiver}/h", b"{}", 0)
+
+
+async def test_a_receiver_that_never_answers_cannot_hold_up_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 40 due rows for a receiver that hangs, then one for a healthy one. Once
+    # dead.test is known not to answer, it gets 1 of the 8 slots' worth of
+    # attention (8 // 8) and the healthy row goes out at once. Before, each
+    # round took 8 more dead.test rows: the healthy one waited 5 timeouts.
+    outbox = InMemoryOutbox([*(to("dead.test", n) for n in range(1, 41)), to("ok.test", 99)])
+    sender = HangingReceiverSender(hang_s=0.2)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
+                                  concurrency=8)
+    task = asyncio.create_task(dispatcher.run())
+    for _ in range(200):
+        if 99 in outbox.finished:
+            break
+        await asyncio.sleep(0.01)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+    assert outbox.finished.get(99) == "delivered"
+    before_ok = sender.started[:sender.started.index("http://ok.test/h")]
+    assert len(before_ok) <= 8 + 1, f"{len(before_ok)} dead.test attempts before ok.test's"
+    assert "webhook receiver dead.test does not answer" in caplog.text
+
+
+async def test_a_receiver_that_answers_again_gets_every_slot_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "alertd.outbox")
+    outbox = InMemoryOutbox([to("dead.test", n) for n in range(1, 31)])
+    sender = HangingReceiverSender(hang_s=0.1)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
+                                  concurrency=8)
+    task = asyncio.create_task(dispatcher.run())
+    await asyncio.sleep(0.15)  # the first round timed out: dead.test gets 1 slot
+    sender.revive.set()
+    for _ in range(300):
+        if len(outbox.finished) == 30:
+            break
+        await asyncio.sleep(0.01)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+    assert outbox.finished == {n: "delivered" for n in range(1, 31)}
+    assert "webhook receiver dead.test answers again" in caplog.text
 
 
 async def test_attempts_that_finish_together_are_recorded_in_one_write() -> None:
