@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from alertd.errors import ConfigError
 
@@ -218,15 +218,21 @@ def mask_url(url: str, *, every_query_value: bool = False) -> str:
         password = parts.password
     except ValueError:
         return "***"
+    # The parts are replaced in the text, not put back together: urlunsplit
+    # would rewrite some URLs (postgresql:///db?host=/run/postgresql).
+    masked = url
     if password is not None:
         host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        masked = masked.replace(f"//{parts.netloc}", f"//{parts.username or ''}:***@{host}", 1)
     if parts.query:
         pairs = [pair.partition("=") for pair in parts.query.split("&")]
-        parts = parts._replace(query="&".join(
+        query = "&".join(
             f"{key}{eq}***" if eq and (every_query_value or _SECRET_PARAM.search(key))
-            else f"{key}{eq}{value}" for key, eq, value in pairs))
-    return urlunsplit(parts)
+            else f"{key}{eq}{value}" for key, eq, value in pairs)
+        masked = masked.replace(f"?{parts.query}", f"?{query}", 1)
+    if parts.fragment and every_query_value:
+        masked = masked[:masked.rindex("#") + 1] + "***"
+    return masked
 
 
 def _at_least(key: str, value: int, low: int) -> None:

@@ -28,8 +28,8 @@ CLAIM_LINGER_S = 0.005
 BACKLOG_EVERY_S = 5.0
 # A receiver that does not answer (timeouts, refused or reset connections)
 # would hold every slot for its timeout while its due rows keep coming; its
-# deliveries get a small share of the slots instead, until it answers again.
-UNANSWERING_SHARE = 8          # they share concurrency // 8 slots (at least 1)
+# deliveries get a few slots of their own instead, until it answers again.
+UNANSWERING_SHARE = 8          # concurrency // 8 slots (at least 1), on top of the main ones
 UNANSWERING_FORGET_S = 600.0   # ... or until this long after its last failure
 
 
@@ -51,8 +51,9 @@ class OutboxDispatcher:
     (a slow delivery holds one slot, not a batch), and finished attempts are
     written together: whatever finished while the last write was in flight
     goes in the next one. A receiver whose last attempt got no answer is
-    left out of the main claims; its rows share a few slots of their own, so
-    one receiver that hangs cannot hold up everybody else's webhooks.
+    left out of the main claims; its rows get a few slots of their own
+    (shared by all such receivers), so one receiver that hangs cannot hold
+    up everybody else's webhooks.
     """
 
     def __init__(self, outbox: WebhookOutbox, sender: WebhookSender, stats: ChildStats,
@@ -117,6 +118,7 @@ class OutboxDispatcher:
     async def _claim_and_start(self) -> None:
         unavailable_delay = POLL_INTERVAL_S
         backlog_due = 0.0
+        unanswering_due = 0.0  # their claim comes up empty while they back off: once a poll
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             self._wake.clear()
@@ -128,16 +130,30 @@ class OutboxDispatcher:
             unanswering = tuple(self._unanswering)
             free = self._limit - len(self._in_flight - self._in_flight_unanswering)
             free_unanswering = (self._unanswering_limit - len(self._in_flight_unanswering)
-                                if unanswering else 0)
+                                if unanswering and loop.time() >= unanswering_due else 0)
             if free <= 0 and free_unanswering <= 0:
                 await self._pause(POLL_INTERVAL_S)
                 continue
+            filled = False
             try:
-                claimed = await self._outbox.claim_due(
-                    free, self._lease_s, skip_receivers=unanswering) if free > 0 else ()
-                retried = await self._outbox.claim_due(
-                    free_unanswering, self._lease_s,
-                    only_receivers=unanswering) if free_unanswering > 0 else ()
+                # Each claim's rows start before the next claim: a claim that
+                # fails must not strand rows already leased.
+                if free > 0:
+                    claimed = await self._outbox.claim_due(
+                        free, self._lease_s, skip_receivers=unanswering)
+                    for delivery in claimed:
+                        self._start(delivery)
+                    # Only the main claim's: a freed slot wakes the loop while
+                    # it is True, also across rounds where no main slot is free.
+                    self._backlogged = filled = len(claimed) == free
+                if free_unanswering > 0:
+                    retried = await self._outbox.claim_due(
+                        free_unanswering, self._lease_s, only_receivers=unanswering)
+                    for delivery in retried:
+                        self._in_flight_unanswering.add(self._start(delivery))
+                    if len(retried) < free_unanswering:
+                        unanswering_due = loop.time() + POLL_INTERVAL_S
+                    filled = filled or len(retried) == free_unanswering
                 unavailable_delay = POLL_INTERVAL_S
             except StoreUnavailable as exc:
                 log.warning("outbox: store unavailable (%s); retrying in %.0fs",
@@ -146,13 +162,7 @@ class OutboxDispatcher:
                 await self._pause(unavailable_delay)
                 unavailable_delay = min(unavailable_delay * 2, 30.0)
                 continue
-            for delivery in claimed:
-                self._start(delivery)
-            for delivery in retried:
-                self._in_flight_unanswering.add(self._start(delivery))
-            self._backlogged = ((free > 0 and len(claimed) == free)
-                                or (free_unanswering > 0 and len(retried) == free_unanswering))
-            if not self._backlogged:
+            if not filled:
                 await self._pause(POLL_INTERVAL_S)
                 # Commits come in bursts under load: a moment's wait lets
                 # one claim take the rows of several.

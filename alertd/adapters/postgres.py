@@ -409,9 +409,11 @@ _CLAIM_DUE_TAIL: LiteralString = """
     WHERE o.id = due.id
     RETURNING o.id, o.webhook_id, o.alert_id, o.url, o.body, o.attempts
 """
-# alertd.domain.webhook_receiver in SQL: host[:port] of the URL, lower case.
+# alertd.domain.webhook_receiver in SQL: host[:port] of the URL, lower case;
+# '' (never NULL, which "<> ALL" would leave out of every claim) if unparsed.
 _RECEIVER: LiteralString = (
-    "lower(substring(url from '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]*)'))")
+    "coalesce(lower(substring(btrim(url) from "
+    "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]*)')), '')")
 _CLAIM_DUE: LiteralString = _CLAIM_DUE_HEAD + _CLAIM_DUE_TAIL
 _CLAIM_DUE_SKIPPING: LiteralString = (
     _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " <> ALL(%(receivers)s)" + _CLAIM_DUE_TAIL)

@@ -279,7 +279,7 @@ async def test_a_claimed_row_is_reclaimed_only_after_its_lease_expires(
 
 
 URLS = ["http://Dead.Test:8080/a?x=1", "https://user:pw@dead.test:8080/b", "http://dead.test/c",
-        "http://ok.test/d", "http://[::1]:81/e", "https://OK.test#f"]
+        "http://ok.test/d", "http://[::1]:81/e", "https://OK.test#f", " https://ok.test/g "]
 
 
 async def test_claims_can_skip_or_take_only_the_rows_of_given_receivers(
@@ -296,7 +296,18 @@ async def test_claims_can_skip_or_take_only_the_rows_of_given_receivers(
     assert await store.claim_due(10, 60, only_receivers=[]) == []
     rest = await store.claim_due(10, 60, skip_receivers=["ok.test"])
     assert [d.url for d in rest] == [URLS[2]]
-    assert sorted(d.url for d in await store.claim_due(10, 60)) == sorted(URLS[i] for i in (3, 5))
+    assert sorted(d.url for d in await store.claim_due(10, 60)) == sorted(URLS[i]
+                                                                          for i in (3, 5, 6))
+
+
+async def test_a_row_whose_url_names_no_receiver_is_still_claimed_while_others_are_skipped(
+    store: PostgresStore,
+) -> None:
+    # NULL <> ALL(...) is NULL: such a row would leave every claim that skips someone.
+    outcome = make_outcome(webhook_url="not a url at all")
+    assert await store.record_outcome(outcome, event_for(outcome))
+    [row] = await store.claim_due(10, 60, skip_receivers=["dead.test"])
+    assert row.url == "not a url at all"
 
 
 # --- record_attempts ----------------------------------------------------------------------

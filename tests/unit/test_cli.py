@@ -10,6 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from alertd.config import mask_url
+
 ALERTD = str(Path(sys.executable).with_name("alertd"))
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -109,6 +111,15 @@ def test_secrets_are_masked_in_check_config(tmp_path: Path) -> None:
     assert doc["amqp_url"] == "amqp://u:***@127.0.0.1/v"
     assert doc["dsn"] == "postgresql://u:***@127.0.0.1/db?sslmode=require&password=***"
     assert doc["webhook_url"] == "https://hook:***@hooks.test/in?t=***"
+
+
+def test_masking_a_url_changes_nothing_but_the_secrets() -> None:
+    assert mask_url("postgresql:///db?host=/run/postgresql&password=pw") == \
+        "postgresql:///db?host=/run/postgresql&password=***"
+    assert mask_url("amqp://guest:guest@127.0.0.1:5672/v?heartbeat=10") == \
+        "amqp://guest:***@127.0.0.1:5672/v?heartbeat=10"
+    assert mask_url("https://h.test/in?t=1#tok=2", every_query_value=True) == \
+        "https://h.test/in?t=***#***"
 
 
 def test_a_refused_webhook_url_is_named_without_its_secrets() -> None:

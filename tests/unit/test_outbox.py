@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 
 import pytest
 
+from alertd import outbox as outbox_module
 from alertd.errors import StoreUnavailable
 from alertd.outbox import BACKOFF_MAX_S, OutboxDispatcher, next_attempt_delay
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
@@ -134,10 +135,11 @@ async def test_a_slow_receiver_holds_one_slot_while_the_others_keep_delivering()
 
 class HangingReceiverSender:
     """``dead.test`` never answers (a timeout after ``hang_s``) until ``revive`` is set;
-    every other receiver answers at once. ``started`` lists the URLs in start order."""
+    every other receiver answers after ``answer_s``. ``started`` lists the URLs in order."""
 
-    def __init__(self, hang_s: float) -> None:
+    def __init__(self, hang_s: float, answer_s: float = 0.0) -> None:
         self.hang_s = hang_s
+        self.answer_s = answer_s
         self.revive = asyncio.Event()
         self.started: list[str] = []
 
@@ -146,6 +148,7 @@ class HangingReceiverSender:
         if "dead.test" in delivery.url and not self.revive.is_set():
             await asyncio.sleep(self.hang_s)
             return DeliveryResult(ok=False, error=f"timeout after {self.hang_s}s")
+        await asyncio.sleep(self.answer_s)
         return DeliveryResult(ok=True, status_code=200)
 
 
@@ -196,6 +199,49 @@ async def test_a_receiver_that_answers_again_gets_every_slot_back(
     await asyncio.wait_for(task, 5)
     assert outbox.finished == {n: "delivered" for n in range(1, 31)}
     assert "webhook receiver dead.test answers again" in caplog.text
+
+
+async def test_freed_slots_are_refilled_at_once_while_a_receiver_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A hung receiver's rows back off; the backlog of a healthy one must still
+    # refill each freed slot at once, not at the next poll (here: never).
+    monkeypatch.setattr(outbox_module, "POLL_INTERVAL_S", 60.0)
+    outbox = InMemoryOutbox([to("dead.test", 1), *(to("ok.test", n) for n in range(2, 42))])
+    sender = HangingReceiverSender(hang_s=0.05, answer_s=0.02)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
+                                  concurrency=4)
+    task = asyncio.create_task(dispatcher.run())
+    for _ in range(500):
+        if len(outbox.finished) == 40:
+            break
+        await asyncio.sleep(0.01)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(outbox.finished) == 40, f"{len(outbox.finished)} of 40 healthy rows delivered"
+    assert 1 not in outbox.finished  # dead.test's row backs off
+
+
+class UnansweringClaimFails(InMemoryOutbox):
+    """The claim of the unanswering receivers' rows fails, as a database that blinked."""
+
+    async def claim_due(
+        self, limit: int, lease_s: float, *, skip_receivers: Collection[str] = (),
+        only_receivers: Collection[str] | None = None,
+    ) -> Sequence[PendingDelivery]:
+        if only_receivers is not None:
+            raise StoreUnavailable("database unavailable: connection reset")
+        return await super().claim_due(limit, lease_s, skip_receivers=skip_receivers)
+
+
+async def test_a_failed_second_claim_does_not_strand_the_rows_of_the_first() -> None:
+    outbox = UnansweringClaimFails([to("dead.test", 1), *(to("ok.test", n) for n in range(2, 5))])
+    sender = HangingReceiverSender(hang_s=0.05)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
+                                  concurrency=8)
+    dispatcher._unanswering["dead.test"] = asyncio.get_running_loop().time()
+    await run_until(dispatcher, seconds=0.3)
+    assert outbox.finished == {2: "delivered", 3: "delivered", 4: "delivered"}
 
 
 async def test_attempts_that_finish_together_are_recorded_in_one_write() -> None:
