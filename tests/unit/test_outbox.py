@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import pytest
 
@@ -24,6 +24,17 @@ def delivery(n: int = 1, attempts: int = 0) -> PendingDelivery:
 async def run_until(dispatcher: OutboxDispatcher, seconds: float = 0.3) -> None:
     task = asyncio.create_task(dispatcher.run())
     await asyncio.sleep(seconds)
+    dispatcher.stop()
+    await asyncio.wait_for(task, 5)
+
+
+async def stop_once(dispatcher: OutboxDispatcher, task: asyncio.Task[None],
+                    done: Callable[[], bool], within_s: float) -> None:
+    """Stop the dispatcher once ``done()`` holds, or after ``within_s`` at the latest."""
+    for _ in range(int(within_s * 100)):
+        if done():
+            break
+        await asyncio.sleep(0.01)
     dispatcher.stop()
     await asyncio.wait_for(task, 5)
 
@@ -168,12 +179,7 @@ async def test_a_receiver_that_never_answers_cannot_hold_up_the_others(
     dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
                                   concurrency=8)
     task = asyncio.create_task(dispatcher.run())
-    for _ in range(200):
-        if 99 in outbox.finished:
-            break
-        await asyncio.sleep(0.01)
-    dispatcher.stop()
-    await asyncio.wait_for(task, 5)
+    await stop_once(dispatcher, task, lambda: 99 in outbox.finished, within_s=2)
     assert outbox.finished.get(99) == "delivered"
     before_ok = sender.started[:sender.started.index("http://ok.test/h")]
     assert len(before_ok) <= 8 + 1, f"{len(before_ok)} dead.test attempts before ok.test's"
@@ -191,12 +197,7 @@ async def test_a_receiver_that_answers_again_gets_every_slot_back(
     task = asyncio.create_task(dispatcher.run())
     await asyncio.sleep(0.15)  # the first round timed out: dead.test gets 1 slot
     sender.revive.set()
-    for _ in range(300):
-        if len(outbox.finished) == 30:
-            break
-        await asyncio.sleep(0.01)
-    dispatcher.stop()
-    await asyncio.wait_for(task, 5)
+    await stop_once(dispatcher, task, lambda: len(outbox.finished) == 30, within_s=3)
     assert outbox.finished == {n: "delivered" for n in range(1, 31)}
     assert "webhook receiver dead.test answers again" in caplog.text
 
@@ -212,12 +213,7 @@ async def test_freed_slots_are_refilled_at_once_while_a_receiver_does_not_answer
     dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=60,
                                   concurrency=4)
     task = asyncio.create_task(dispatcher.run())
-    for _ in range(500):
-        if len(outbox.finished) == 40:
-            break
-        await asyncio.sleep(0.01)
-    dispatcher.stop()
-    await asyncio.wait_for(task, 5)
+    await stop_once(dispatcher, task, lambda: len(outbox.finished) == 40, within_s=5)
     assert len(outbox.finished) == 40, f"{len(outbox.finished)} of 40 healthy rows delivered"
     assert 1 not in outbox.finished  # dead.test's row backs off
 
