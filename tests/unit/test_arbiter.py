@@ -149,6 +149,44 @@ def test_a_hup_whose_new_child_refuses_the_config_goes_back_to_the_old_config(
     assert arbiter.spawned == [new]  # type: ignore[attr-defined]
 
 
+def test_a_rollback_replaces_the_children_already_on_the_refused_config(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    before = Settings(workers=2, heartbeat_timeout=5)
+    arb = Arbiter(before, reload=lambda: replace(before, dsn="postgresql://elsewhere/db"))
+    spawned: list[ChildHandle] = []
+
+    def fake_spawn(index: int) -> ChildHandle:
+        spawned.append(child := kids.make(index, arb.generation))
+        arb.children[child.pid] = child
+        return child
+
+    monkeypatch.setattr(arb, "spawn", fake_spawn)
+    old0, old1 = kids.make(0, state="consuming"), kids.make(1, state="consuming")
+    arb.children = {old0.pid: old0, old1.pid: old1}
+    arb.handle_hup()
+    arb.manage_children()
+    [new0] = spawned
+    new0.state = "consuming"  # the first replacement took the new config
+    arb.manage_children()
+    assert old0.retiring
+    del arb.children[old0.pid]
+    arb.manage_children()
+    new1 = spawned[-1]
+    assert new1.index == 1 and new1.generation == 1
+    del arb.children[new1.pid]
+    arb._on_exit(new1, EXIT_CONFIG)  # the second refuses it: back to the old config
+    assert arb.settings is before and arb.stopping is None
+    assert old1.generation == arb.generation and new0.generation < arb.generation
+    arb.manage_children()
+    again0 = spawned[-1]
+    assert (again0.index, again0.generation) == (0, arb.generation)
+    again0.state = "consuming"
+    arb.manage_children()
+    assert new0.retiring and not old1.retiring
+
+
 def test_a_child_refusing_the_config_while_others_consume_is_retried_with_backoff(
     kids: Kids, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
