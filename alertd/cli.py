@@ -102,8 +102,9 @@ DAEMON_OPTIONS: list[Decorator] = [
     _opt("queue", default=_D.queue, help="Queue to consume; DLQ is <queue>.dlq."),
     _opt("queue-type", type=click.Choice(["quorum", "classic"]), default=_D.queue_type,
          help="Type of the queues alertd declares."),
-    _opt("delivery-limit", type=click.IntRange(2), default=_D.delivery_limit,
-         help="Quorum queues: deliveries before the broker dead-letters a message."),
+    delivery_limit_option := _opt(
+        "delivery-limit", type=click.IntRange(2), default=_D.delivery_limit,
+        help="Quorum queues: deliveries before the broker dead-letters a message."),
     _opt("dsn", default=_D.dsn, help="PostgreSQL connection URL."),
     _opt("db-pool-size", type=click.IntRange(1), default=_D.db_pool_size,
          help="Database connections per child."),
@@ -234,11 +235,12 @@ def migrate(dsn: str) -> None:
 @_opt("amqp-url", default=_D.amqp_url, help="Broker URL.")
 @_opt("queue", default=_D.queue, help="Queue to publish to.")
 @_opt("queue-type", type=click.Choice(["quorum", "classic"]), default=_D.queue_type)
+@delivery_limit_option
 @click.option("--file", "-f", "path", type=click.File("rb"),
               help="JSON-lines file of alerts ('-' for stdin).")
 @click.argument("alerts", nargs=-1)
-def publish(amqp_url: str, queue: str, queue_type: str, path: Any, alerts: tuple[str, ...]
-            ) -> None:
+def publish(*, amqp_url: str, queue: str, queue_type: str, delivery_limit: int, path: Any,
+            alerts: tuple[str, ...]) -> None:
     """Publish ALERTS (JSON objects) and/or a JSON-lines file, with publisher confirms.
 
     Bodies are sent exactly as given, so invalid ones can be used to test the
@@ -251,7 +253,10 @@ def publish(amqp_url: str, queue: str, queue_type: str, path: Any, alerts: tuple
         bodies += [line.rstrip(b"\r\n") for line in path if line.strip()]
     if not bodies:
         raise click.UsageError("nothing to publish: give ALERTS or --file")
-    settings = Settings(amqp_url=amqp_url, queue=queue, queue_type=queue_type)
+    # A queue it creates gets the arguments alertd would give it (the same
+    # --config file gives the same ones), or alertd's own declare is refused.
+    settings = Settings(amqp_url=amqp_url, queue=queue, queue_type=queue_type,
+                        delivery_limit=delivery_limit)
     count = publish_bodies(settings, bodies)
     click.echo(f"published {count} alerts to {queue!r} (confirmed)")
 
@@ -330,7 +335,9 @@ def dlq_replay(amqp_url: str, queue: str, replay_all: bool, alert_ids: tuple[str
         raise click.UsageError("give ALERT_IDS or --all")
     done = replay(Settings(amqp_url=amqp_url, queue=queue),
                   alert_ids=None if replay_all else set(alert_ids))
-    click.echo(f"replayed {len(done)} dead letters to {queue!r}")
+    click.echo(f"replayed {len(done.letters)} dead letters to {queue!r}")
+    if done.left:
+        click.echo(f"{done.left} more dead letters were not looked at; run it again", err=True)
 
 
 @dlq.command("purge")

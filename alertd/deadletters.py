@@ -72,19 +72,39 @@ def _channel(settings: Settings) -> Iterator[BlockingChannel]:
         yield channel
     except pika.exceptions.ChannelClosedByBroker as exc:
         raise AlertdError(f"broker refused: {exc.reply_text}") from None
+    except pika.exceptions.UnroutableError:
+        # Not acked, so the dead letter stays where it was.
+        raise AlertdError(f"queue {settings.queue!r} does not exist: nothing more was "
+                          "replayed; start alertd (or 'alertd publish') to declare it, "
+                          "then run this again") from None
+    except pika.exceptions.AMQPError as exc:
+        raise AlertdError(f"broker error: {exc!r}") from None
     finally:
         if connection.is_open:
             connection.close()
 
 
+@dataclass(frozen=True)
+class Walked:
+    letters: list[DeadLetter]
+    left: int  # dead letters that were in the DLQ at the start and were not looked at
+
+
 def _walk(settings: Settings, limit: int,
-          decide: Callable[[BlockingChannel, DeadLetter], bool]) -> list[DeadLetter]:
-    """Get up to ``limit`` dead letters; ack those ``decide`` says True to, requeue the rest."""
+          decide: Callable[[BlockingChannel, DeadLetter], bool]) -> Walked:
+    """Get up to ``limit`` dead letters; ack those ``decide`` says True to, requeue the rest.
+
+    Only as many as the DLQ held at the start: a replayed letter that a
+    running alertd dead-letters again lands behind them and must not be
+    taken (and replayed) again in the same walk.
+    """
     seen: list[DeadLetter] = []
     with _channel(settings) as channel:
+        ok = channel.queue_declare(dlq_name(settings.queue), passive=True)
+        there = int(ok.method.message_count)
         tags_back = []
         try:
-            for position in range(1, limit + 1):
+            for position in range(1, min(limit, there) + 1):
                 method, props, body = channel.basic_get(dlq_name(settings.queue))
                 if method is None:
                     break
@@ -97,16 +117,18 @@ def _walk(settings: Settings, limit: int,
         finally:
             for tag in tags_back:
                 channel.basic_nack(tag, requeue=True)
-    return seen
+    return Walked(seen, max(0, there - len(seen)))
 
 
 def list_dead_letters(settings: Settings, limit: int = 100) -> list[DeadLetter]:
-    return _walk(settings, limit, lambda channel, letter: False)
+    return _walk(settings, limit, lambda channel, letter: False).letters
 
 
 def replay(settings: Settings, *, alert_ids: set[str] | None, limit: int = 10_000
-           ) -> list[DeadLetter]:
-    """Republish the chosen dead letters (all when ``alert_ids`` is None) to the main queue."""
+           ) -> Walked:
+    """Republish the chosen dead letters (all when ``alert_ids`` is None) to the main queue.
+
+    ``letters`` are the replayed ones; ``left`` the letters not looked at."""
     replayed: list[DeadLetter] = []
 
     def republish(channel: BlockingChannel, letter: DeadLetter) -> bool:
@@ -120,8 +142,8 @@ def replay(settings: Settings, *, alert_ids: set[str] | None, limit: int = 10_00
         replayed.append(letter)
         return True
 
-    _walk(settings, limit, republish)
-    return replayed
+    walked = _walk(settings, limit, republish)
+    return Walked(replayed, walked.left)
 
 
 def purge(settings: Settings) -> int:

@@ -7,7 +7,7 @@ from typing import Any, LiteralString
 
 import psycopg
 
-from alertd.errors import ConfigError, StoreUnavailable
+from alertd.errors import AlertdError, ConfigError, StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,8 @@ def migrate(dsn: str) -> int:
             return _read_version(conn)
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
+    except psycopg.Error as exc:  # no privilege to create, a read-only standby...
+        raise AlertdError(f"migration refused by the database: {first_line(exc)}") from None
 
 
 def schema_version(dsn: str) -> int:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
 import pika
 import pytest
 
+from alertd.adapters.amqp import topology
 from alertd.adapters.postgres import PostgresStore, open_pool
+from alertd.config import Settings
 from alertd.domain import Alert, Outcome, webhook_event
 from alertd.ports import AttemptRecord, DeliveryResult
-from tests.e2e.harness import outbox, publish, queue_counts
+from tests.e2e.harness import outbox, publish, queue_counts, unmigrated_database
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
 pytestmark = pytest.mark.integration
@@ -70,6 +73,90 @@ def test_dlq_replay_moves_only_the_chosen_letters_back_as_fresh_alerts(dead_lett
     assert method is not None and orjson.loads(body) == {"alert_id": "dead-1"}
     assert "x-alertd-reason" not in props.headers and "x-alertd-attempt" not in props.headers
     assert props.delivery_mode == 2
+
+
+class DeadLetterer(threading.Thread):
+    """Stands in for a running alertd: every message of the main queue goes back
+    to the DLQ as invalid, at once."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.seen = url, 0
+        self.ready, self.stop = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_qos(prefetch_count=8)
+        self.ready.set()
+        for method, props, body in channel.consume("alerts", inactivity_timeout=0.05):
+            if self.stop.is_set():
+                break
+            if method is None:
+                continue
+            headers = {**(props.headers or {}), "x-alertd-reason": "invalid_json: again"}
+            channel.basic_publish("", "alerts.dlq", body, pika.BasicProperties(
+                delivery_mode=2, headers=headers))
+            channel.basic_ack(method.delivery_tag)
+            self.seen += 1
+        channel.cancel()
+        connection.close()
+
+
+def test_dlq_replay_while_alertd_runs_replays_each_letter_once(dead_letters: str) -> None:
+    # Each replayed letter is dead-lettered again at once, behind the others:
+    # the walk must not take it again (it did, up to 10 000 times; found by a review).
+    worker = DeadLetterer(dead_letters)
+    worker.start()
+    assert worker.ready.wait(10)
+    try:
+        done = alertd("dlq", "replay", "--all", "--amqp-url", dead_letters)
+    finally:
+        worker.stop.set()
+        worker.join(10)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "replayed 3 dead letters to 'alerts'", worker.seen
+    assert done.stderr == ""
+
+
+def test_dlq_replay_with_the_main_queue_missing_is_one_line_and_keeps_the_letter(
+    dead_letters: str,
+) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(dead_letters))
+    connection.channel().queue_delete("alerts")  # e.g. to change --queue-type
+    connection.close()
+    done = alertd("dlq", "replay", "--all", "--amqp-url", dead_letters)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("alertd: error: queue 'alerts' does not exist: nothing more "
+                                   "was replayed; start alertd (or 'alertd publish') to declare "
+                                   "it, then run this again"), done.stderr
+    assert queue_counts(dead_letters)["alerts.dlq"] == 3
+
+
+def test_publish_with_the_daemon_config_declares_the_queue_as_alertd_does(
+    fresh_vhost: str, tmp_path: Path,
+) -> None:
+    # A fresh broker, publish first: alertd's own declare with the same file
+    # was refused (PRECONDITION_FAILED, x-delivery-limit) for ever.
+    conf = tmp_path / "alertd.toml"
+    conf.write_text(f'amqp_url = "{fresh_vhost}"\ndelivery_limit = 5\nworkers = 3\n')
+    done = alertd("publish", "--config", str(conf), '{"alert_id": "p-1"}')
+    assert done.returncode == 0, done.stderr
+    connection = pika.BlockingConnection(pika.URLParameters(fresh_vhost))
+    channel = connection.channel()
+    for name, arguments in topology(Settings(amqp_url=fresh_vhost, delivery_limit=5)):
+        channel.queue_declare(name, durable=True, arguments=arguments)  # no PRECONDITION_FAILED
+    connection.close()
+
+
+def test_outbox_commands_on_an_unmigrated_database_say_so_in_one_line() -> None:
+    with unmigrated_database() as dsn:
+        for command in (["outbox", "list"], ["outbox", "retry", "--all"]):
+            done = alertd(*command, "--dsn", dsn)
+            assert done.returncode == 3, done.stderr
+            assert done.stderr.strip().endswith("run 'alertd db migrate'"), done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 def test_dlq_purge_asks_first_and_purges_only_when_confirmed(dead_letters: str) -> None:
