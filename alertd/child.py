@@ -73,7 +73,7 @@ class Child:
     """Lifecycle: startup -> main loop -> shutdown, each a method of its own."""
 
     def __init__(self, settings: Settings, *, index: int = 0, report_fd: int | None = None,
-                 generation: int = 0) -> None:
+                 generation: int = 0, master_pid: int | None = None) -> None:
         self.settings = settings
         self.index = index
         self.generation = generation
@@ -90,8 +90,9 @@ class Child:
         self._heartbeat: asyncio.Task[None] | None = None
         self._report: asyncio.WriteTransport | None = None
         self._loop_lag = 0.0
-        # The master that forked us; a different parent means it died and we were adopted.
-        self._master_pid = os.getppid() if report_fd is not None else None
+        # The master that forked us (its pid taken before the fork: it may have
+        # died since); a different parent means it died and we were adopted.
+        self._master_pid = (master_pid or os.getppid()) if report_fd is not None else None
         # Jitter so that children started together do not all recycle together.
         self._max_alerts = 0
         if settings.max_alerts_per_child:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -120,12 +121,34 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"amqp_url: scheme must be amqp or amqps, got {mask_url(s.amqp_url)!r}")
     if urlsplit(s.dsn).scheme not in ("postgresql", "postgres"):
         raise ConfigError("dsn: must be a postgresql:// URL")
+    _parses_as_conninfo(s.dsn)
     if s.webhook_url is not None:
         parts = urlsplit(s.webhook_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("webhook_url: must be an http(s) URL, got "
                               f"{mask_url(s.webhook_url, every_query_value=True)!r}")
     return s
+
+
+def environment_without_settings() -> dict[str, str]:
+    """This process's environment without the ``ALERTD_*`` settings, for a
+    process that parses hostile input (ffprobe, the PyAV helper): it needs
+    neither the webhook secret nor the DSN or broker URL."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ALERTD_")}
+
+
+def _parses_as_conninfo(dsn: str) -> None:
+    """libpq must be able to read the DSN; its error is not shown, as it may quote
+    the password (a raw ``%`` in it): the pool would log that on every retry."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError:
+        raise ConfigError(f"dsn: libpq cannot parse {mask_url(dsn)!r}: percent-encode "
+                          "special characters of the user name and password "
+                          "(% as %25, @ as %40)") from None
 
 
 def parse_networks(values: Any) -> tuple[IPNetwork, ...]:

@@ -74,10 +74,11 @@ class ChildHandle:
     def spawn(cls, settings: Settings, index: int, generation: int,
               *, close_in_child: list[int]) -> ChildHandle:
         """Fork a child; the child builds its own world and never returns from here."""
+        master_pid = os.getpid()  # before the fork: the master may die before the child asks
         pid, read_fd, write_fd, mask = fork_with_pipe()
         if pid == 0:  # pragma: no cover - runs in the child
             os.close(read_fd)
-            _become_child(settings, index, generation, write_fd,
+            _become_child(settings, index, generation, write_fd, master_pid,
                           close_in_child=close_in_child, mask=mask)
         return cls(pid, index, generation, read_fd)
 
@@ -141,8 +142,8 @@ class ChildHandle:
                 os.close(self.read_fd)
 
 
-def _become_child(settings: Settings, index: int, generation: int, write_fd: int, *,
-                  close_in_child: list[int], mask: Iterable[int],
+def _become_child(settings: Settings, index: int, generation: int, write_fd: int,
+                  master_pid: int, *, close_in_child: list[int], mask: Iterable[int],
                   ) -> None:  # pragma: no cover - child side
     code = EXIT_CRASH
     try:
@@ -173,7 +174,8 @@ def _become_child(settings: Settings, index: int, generation: int, write_fd: int
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)
         set_role(f"child {index}")
-        code = Child(settings, index=index, report_fd=write_fd, generation=generation).run()
+        code = Child(settings, index=index, report_fd=write_fd, generation=generation,
+                     master_pid=master_pid).run()
     except BaseException:
         log.exception("child %d failed", index)
     finally:

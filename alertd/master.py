@@ -165,7 +165,10 @@ class Arbiter:
         self._stop_deadline = time.monotonic() + self.settings.graceful_timeout + 15
         sdnotify.notify("STOPPING=1")
         for child in self.children.values():
-            child.signal(signal.SIGTERM)
+            # A retiring child already drains (it got TERM, or it recycles);
+            # a second TERM would make it stop fast and requeue its alerts.
+            if not child.retiring:
+                child.signal(signal.SIGTERM)
 
     handle_int = handle_term
 

@@ -16,6 +16,7 @@ import signal
 
 import orjson
 
+from alertd.config import environment_without_settings
 from alertd.domain import JSON
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
 from alertd.media import normalize_probe
@@ -111,6 +112,7 @@ class FfprobeProber:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=environment_without_settings(),
             )
         except OSError as exc:
             # The binary was there at startup; fork/exec failing now (EAGAIN,

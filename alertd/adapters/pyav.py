@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from alertd.config import environment_without_settings
 from alertd.domain import JSON
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
 from alertd.media import normalize_probe
@@ -166,6 +167,7 @@ class PyAVProber:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=environment_without_settings(),
             )
         except OSError as exc:
             raise TransientError(

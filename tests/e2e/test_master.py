@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from tests.e2e.harness import (
     webhook_ids_by_alert,
 )
 from tests.ports import free_port
+from tests.processes import is_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -381,6 +383,37 @@ def test_a_port_in_use_or_an_unwritable_path_is_refused_at_start_in_one_line_nam
     if key == "pidfile":
         with socket.socket() as again:  # the metrics port it had bound is released
             again.bind(("127.0.0.1", metrics))
+
+
+# A master that forks one real child, prints its pid and dies after argv[1]
+# seconds. Nothing answers on port 1: only the orphan check can end the child.
+SHORT_LIVED_MASTER = """
+import os, sys, time
+from alertd.config import Settings
+from alertd.handle import ChildHandle
+settings = Settings(dsn="postgresql://postgres@127.0.0.1:1/none",
+                    amqp_url="amqp://guest:guest@127.0.0.1:1/%2F", probe_helpers=1)
+child = ChildHandle.spawn(settings, 0, 0, close_in_child=[])
+print(child.pid, flush=True)
+time.sleep(float(sys.argv[1]))
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("master_lives_s", [0.0, 3.0])
+def test_a_child_stops_once_its_master_is_gone(tmp_path: Path, master_lives_s: float) -> None:
+    # 0 s: the master dies while the child still imports, before it could ask
+    # who its parent is; it used to take pid 1 for its master (found by a review).
+    out = tmp_path / "pid"
+    with out.open("w") as fh:  # a file, not a pipe: an orphan would hold a pipe open
+        subprocess.run([sys.executable, "-c", SHORT_LIVED_MASTER, str(master_lives_s)],
+                       stdout=fh, stderr=subprocess.DEVNULL, timeout=30, check=True)
+    pid = int(out.read_text().split()[0])
+    try:
+        assert wait_until(lambda: not is_alive(pid), 15, "the orphaned child to stop")
+    finally:
+        if is_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_an_unreachable_database_keeps_children_booting_without_a_fork_storm(

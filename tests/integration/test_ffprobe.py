@@ -11,6 +11,7 @@ import pytest
 
 from alertd.adapters.ffprobe import FfprobeProber
 from alertd.errors import ConfigError, ErrorCode, PermanentError
+from tests.processes import is_alive, is_reaped
 
 pytestmark = pytest.mark.integration
 
@@ -51,20 +52,6 @@ def sleeping_ffprobe(directory: Path) -> tuple[Path, Path, Path]:
 def read_pid(pid_file: Path) -> int | None:
     text = pid_file.read_text().strip() if pid_file.exists() else ""
     return int(text) if text else None
-
-
-def is_reaped(pid: int) -> bool:
-    """Gone from the process table: not even a zombie waiting for its parent."""
-    return not Path(f"/proc/{pid}").exists()
-
-
-def is_alive(pid: int) -> bool:
-    """Running or stopped; a zombie (dead, not yet reaped by init) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def wait_for_pid(pid_file: Path) -> int:
@@ -215,6 +202,21 @@ async def test_an_ffprobe_killed_by_a_signal_is_probe_crashed(tmp_path: Path) ->
 
     assert raised.value.code is ErrorCode.PROBE_CRASHED
     assert "SIGSEGV" in raised.value.message
+
+
+async def test_ffprobe_runs_without_alertds_settings_and_secrets_in_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It parses hostile clips: it has no use for the webhook secret or the DSN.
+    monkeypatch.setenv("ALERTD_WEBHOOK_SECRET", "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0")
+    monkeypatch.setenv("ALERTD_DSN", "postgresql://u:pgpass@127.0.0.1/db")
+    seen = tmp_path / "env.txt"
+    prober = FfprobeProber(ffprobe=str(fake_ffprobe(tmp_path, f"env > {seen}; exit 1")),
+                           timeout=5)
+    with pytest.raises(PermanentError):
+        await prober.probe(str(tmp_path / "clip.mp4"))
+    env = seen.read_text()
+    assert "PATH=" in env and "ALERTD_" not in env and "pgpass" not in env
 
 
 async def test_output_beyond_the_cap_is_not_a_video_and_does_not_hang(tmp_path: Path) -> None:

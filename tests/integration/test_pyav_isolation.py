@@ -16,12 +16,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 import pytest_asyncio
 import uvloop
 
 from alertd.adapters.pyav import FRAME_HEADER, PyAVProber
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
+from tests.processes import is_alive, is_reaped
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +41,6 @@ def faulty_clip(directory: Path, name: str) -> Path:
     path = directory / name
     path.write_bytes(b"")
     return path
-
-
-def is_reaped(pid: int) -> bool:
-    """Gone from the process table: not even a zombie waiting for its parent."""
-    return not Path(f"/proc/{pid}").exists()
-
-
-def is_alive(pid: int) -> bool:
-    """Running or stopped; a zombie (dead, not yet reaped by init) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def read_pid(clip: Path) -> int | None:
@@ -328,6 +316,19 @@ def test_the_pool_works_on_uvloop_like_in_a_child(
     assert isinstance(mov, dict) and mov["video"]["fps"] == 29.97
     crashed_pid = read_pid(crash)
     assert crashed_pid is not None and is_reaped(crashed_pid)
+
+
+async def test_helpers_run_without_alertds_settings_and_secrets_in_their_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALERTD_WEBHOOK_SECRET", "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0")
+    seen = tmp_path / "env.json"
+    dump = f"import json, os; open({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    with pytest.raises(ConfigError):  # it exits instead of saying it is ready
+        async with PyAVProber(timeout=2, size=1, command=(sys.executable, "-c", dump)):
+            pass
+    env = orjson.loads(seen.read_bytes())
+    assert "PATH" in env and not [k for k in env if k.startswith("ALERTD_")]
 
 
 def test_an_invalid_pool_size_or_timeout_is_a_config_error() -> None:

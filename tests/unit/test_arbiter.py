@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -185,6 +186,24 @@ def test_a_rollback_replaces_the_children_already_on_the_refused_config(
     again0.state = "consuming"
     arb.manage_children()
     assert new0.retiring and not old1.retiring
+
+
+def test_a_graceful_stop_leaves_a_retiring_child_to_its_drain(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A second TERM makes a child stop fast (in-flight alerts cancelled and
+    # requeued): one already draining must not get one (found by a review).
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(ChildHandle, "signal",
+                        lambda self, signum: sent.append((self.pid, signum)))
+    arb = Arbiter(Settings(workers=2, heartbeat_timeout=5))
+    zero, one = kids.make(0, state="consuming"), kids.make(1, state="consuming")
+    arb.children = {zero.pid: zero, one.pid: one}
+    arb.handle_ttou()
+    arb.manage_children()
+    arb.handle_term()
+    assert sent == [(one.pid, signal.SIGTERM), (zero.pid, signal.SIGTERM)]
 
 
 def test_a_child_refusing_the_config_while_others_consume_is_retried_with_backoff(
