@@ -145,10 +145,11 @@ def _parses_as_conninfo(dsn: str) -> None:
 
     try:
         conninfo_to_dict(dsn)
-    except ProgrammingError:
-        raise ConfigError(f"dsn: libpq cannot parse {mask_url(dsn)!r}: percent-encode "
-                          "special characters of the user name and password "
-                          "(% as %25, @ as %40)") from None
+    except (ProgrammingError, UnicodeError):
+        # Not even masked: a password with a raw / # or ? defeats URL parsing.
+        raise ConfigError("dsn: libpq cannot parse it: percent-encode special characters "
+                          "of the user name and password (% as %25, / as %2F, @ as %40, "
+                          "# as %23, ? as %3F)") from None
 
 
 def parse_networks(values: Any) -> tuple[IPNetwork, ...]:
