@@ -7,7 +7,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,10 +57,11 @@ def kids() -> Iterator[Kids]:
     made.close()
 
 
-@pytest.fixture()
-def arbiter(kids: Kids, monkeypatch: pytest.MonkeyPatch) -> Arbiter:
+def arbiter_with(kids: Kids, monkeypatch: pytest.MonkeyPatch, settings: Settings,
+                 reload: Callable[[], Settings] | None = None) -> Arbiter:
+    """An Arbiter whose spawn makes pipe children; ``arb.spawned`` lists them in order."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    arb = Arbiter(Settings(workers=1, heartbeat_timeout=5))
+    arb = Arbiter(settings, reload=reload)
     spawned: list[ChildHandle] = []
 
     def fake_spawn(index: int) -> ChildHandle:
@@ -72,6 +73,11 @@ def arbiter(kids: Kids, monkeypatch: pytest.MonkeyPatch) -> Arbiter:
     monkeypatch.setattr(arb, "spawn", fake_spawn)
     arb.spawned = spawned  # type: ignore[attr-defined]
     return arb
+
+
+@pytest.fixture()
+def arbiter(kids: Kids, monkeypatch: pytest.MonkeyPatch) -> Arbiter:
+    return arbiter_with(kids, monkeypatch, Settings(workers=1, heartbeat_timeout=5))
 
 
 def test_restart_delay_doubles_from_half_a_second_and_stops_at_thirty() -> None:
@@ -153,17 +159,10 @@ def test_a_hup_whose_new_child_refuses_the_config_goes_back_to_the_old_config(
 def test_a_rollback_replaces_the_children_already_on_the_refused_config(
     kids: Kids, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     before = Settings(workers=2, heartbeat_timeout=5)
-    arb = Arbiter(before, reload=lambda: replace(before, dsn="postgresql://elsewhere/db"))
-    spawned: list[ChildHandle] = []
-
-    def fake_spawn(index: int) -> ChildHandle:
-        spawned.append(child := kids.make(index, arb.generation))
-        arb.children[child.pid] = child
-        return child
-
-    monkeypatch.setattr(arb, "spawn", fake_spawn)
+    arb = arbiter_with(kids, monkeypatch, before,
+                       reload=lambda: replace(before, dsn="postgresql://elsewhere/db"))
+    spawned: list[ChildHandle] = arb.spawned  # type: ignore[attr-defined]
     old0, old1 = kids.make(0, state="consuming"), kids.make(1, state="consuming")
     arb.children = {old0.pid: old0, old1.pid: old1}
     arb.handle_hup()
@@ -253,16 +252,8 @@ def test_a_replacement_not_consuming_after_a_minute_is_reported_once(
 def test_ttou_retires_the_extra_child_only_once_the_slots_left_consume(
     kids: Kids, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    arb = Arbiter(Settings(workers=2, heartbeat_timeout=5))
-    spawned: list[ChildHandle] = []
-
-    def fake_spawn(index: int) -> ChildHandle:
-        spawned.append(child := kids.make(index, arb.generation))
-        arb.children[child.pid] = child
-        return child
-
-    monkeypatch.setattr(arb, "spawn", fake_spawn)
+    arb = arbiter_with(kids, monkeypatch, Settings(workers=2, heartbeat_timeout=5))
+    spawned: list[ChildHandle] = arb.spawned  # type: ignore[attr-defined]
     one = kids.make(1, state="consuming")
     arb.children = {one.pid: one}
     for _ in range(4):  # child 0 keeps crashing: its slot waits out a backoff
