@@ -122,7 +122,8 @@ DAEMON_OPTIONS: list[Decorator] = [
          help="Seconds for a whole download."),
     _opt("connect-timeout", type=float, default=_D.connect_timeout,
          help="Seconds to connect (HTTP and AMQP)."),
-    _opt("download-dir", default=None, help="Where temp files go (default: system temp)."),
+    _opt("download-dir", default=None, help="Where temp files go: an existing directory "
+         "alertd can write (default: system temp)."),
     _opt("prober", type=click.Choice(["pyav", "ffprobe"]), default=_D.prober,
          help="Metadata extractor: pyav (libav in a pool of helper processes) or ffprobe "
               "(a process per probe)."),
@@ -131,7 +132,8 @@ DAEMON_OPTIONS: list[Decorator] = [
     _opt("probe-timeout", type=float, default=_D.probe_timeout,
          help="Seconds before a probe is killed."),
     _opt("max-attempts", type=click.IntRange(1), default=_D.max_attempts,
-         help="Tries of an alert on transient errors before it is recorded failed."),
+         help="Tries of an alert on transient errors before it is recorded failed; the "
+              "longest retry delay must fit RabbitMQ's TTL limit (~49.7 days)."),
     _opt("retry-delay", type=float, default=_D.retry_delay,
          help="Seconds before the 2nd attempt; doubles for each next one."),
     _opt("graceful-timeout", type=float, default=_D.graceful_timeout,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -21,6 +22,10 @@ QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 PROBERS = ("ffprobe", "pyav")
+# Settings fields whose config-file key and option are singular (repeatable).
+DISPLAY_KEYS = {"allow_networks": "allow_network", "webhook_secrets": "webhook_secret"}
+# RabbitMQ's largest x-message-ttl (ms): a delay queue with a longer one is refused.
+MAX_TTL_MS = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +86,8 @@ class Settings:
                 value = [str(n) for n in value]
             elif f.name == "autoscale" and value is not None:
                 value = f"{value[0]},{value[1]}"
-            shown[f.name] = value
+            # Shown under the key the config file and the option use.
+            shown[DISPLAY_KEYS.get(f.name, f.name)] = value
         return shown
 
 
@@ -104,11 +110,22 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"autoscale: must be MIN,MAX with 1 <= MIN <= MAX, "
                               f"got {low},{high}")
     for key in ("download_timeout", "connect_timeout", "probe_timeout", "webhook_timeout",
-                "heartbeat_timeout", "retry_delay", "autoscale_interval"):
-        if not getattr(s, key) > 0:
+                "heartbeat_timeout", "retry_delay", "autoscale_interval", "graceful_timeout"):
+        # nan and inf pass every comparison a deadline is built from (a nan
+        # graceful timeout never ends a stop): refused by name.
+        if not math.isfinite(getattr(s, key)):
+            raise ConfigError(f"{key}: must be a finite number of seconds, got {getattr(s, key)}")
+        if not getattr(s, key) > 0 and key != "graceful_timeout":
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(s, key)}")
     if s.graceful_timeout < 0:
         raise ConfigError(f"graceful_timeout: must be 0 or more, got {s.graceful_timeout}")
+    longest = s.retry_delay_for(s.max_attempts - 1)
+    if s.max_attempts > 1 and longest * 1000 > MAX_TTL_MS:
+        raise ConfigError(f"max_attempts: with retry_delay {s.retry_delay:g}s the last retry "
+                          f"would wait {longest:.0f}s, over RabbitMQ's message TTL limit of "
+                          f"{MAX_TTL_MS // 1000}s; lower max_attempts or retry_delay")
+    if s.download_dir is not None:
+        _writable_directory("download_dir", s.download_dir)
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError(f"metrics_port: must be 0..65535, got {s.metrics_port}")
     _one_of("queue_type", s.queue_type, QUEUE_TYPES)
@@ -128,6 +145,14 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError("webhook_url: must be an http(s) URL, got "
                               f"{mask_url(s.webhook_url, every_query_value=True)!r}")
     return s
+
+
+def _writable_directory(key: str, path: str) -> None:
+    """Refuse at start what every child would otherwise crash on, one by one."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path!r} is not an existing directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path!r} is not writable by this user")
 
 
 def environment_without_settings() -> dict[str, str]:

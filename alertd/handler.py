@@ -127,12 +127,18 @@ class AlertHandler:
                 self._on_committed()
                 return Ack()
             case ConflictingDuplicate():
-                self._stats.count("invalid", "duplicate_alert_id")
-                log.warning("dead-lettering alert %s: its id is stored for another request",
+                # The contract: a duplicate alert_id already stored is acked
+                # without a second result or webhook. A differing request
+                # (most often a producer's retry that rebuilt occurred_at or
+                # attributes, sometimes a reused id) is counted and logged so
+                # that a producer bug is seen; the stored outcome stands.
+                self._stats.count("duplicates")
+                self._stats.count("conflicting_duplicates")
+                log.warning("alert %s is already stored for a different request (video_url, "
+                            "webhook_url, occurred_at, source or attributes differ); acked "
+                            "without a second result, the stored outcome stands",
                             alert.alert_id)
-                return DeadLetter("duplicate_alert_id: already stored for a request with a "
-                                  "different video_url, webhook_url, occurred_at, source or "
-                                  "attributes")
+                return Ack()
             case AlreadyRecorded():
                 self._stats.count("duplicates")
                 log.info("alert %s already stored; acking the duplicate", alert.alert_id)
@@ -147,8 +153,20 @@ class AlertHandler:
                              f"{failure.code}: {failure.message}")
 
 
-def _attempt_of(headers: Mapping[str, object], max_attempts: int) -> Attempt:
+def attempt_number(headers: Mapping[str, object], max_attempts: int) -> int:
+    """The attempt a delivery is, from alertd's header: 1..max_attempts.
+
+    The header comes from the broker, so from anyone who can publish: a
+    value beyond int4 or 2^1024 must not reach the ``attempts`` column or a
+    backoff computation, and one below 1 means a first attempt.
+    """
     number = headers.get(ATTEMPT_HEADER)
+    if not isinstance(number, int) or number < 1:
+        return 1
+    return min(number, max_attempts)
+
+
+def _attempt_of(headers: Mapping[str, object], max_attempts: int) -> Attempt:
     received = headers.get(RECEIVED_AT_HEADER)
     now = dt.datetime.now(dt.UTC)
     received_at = now
@@ -158,7 +176,7 @@ def _attempt_of(headers: Mapping[str, object], max_attempts: int) -> Attempt:
         with contextlib.suppress(ValueError, OverflowError, OSError):
             received_at = dt.datetime.fromtimestamp(received / 1000, dt.UTC)
     return Attempt(
-        number=number if isinstance(number, int) and number >= 1 else 1,
+        number=attempt_number(headers, max_attempts),
         max_attempts=max_attempts,
         received_at=received_at,
     )

@@ -180,6 +180,9 @@ class _Collector:
             ("alertd_messages_dead_lettered", "dead_lettered", "Messages sent to the DLQ"),
             ("alertd_alerts_duplicate", "duplicates", "Redelivered or duplicate alerts "
              "acked without a second result"),
+            ("alertd_alerts_duplicate_conflicting", "conflicting_duplicates", "Duplicates "
+             "whose request differed from the stored one (a producer reused the alert id "
+             "or rebuilt the message); acked, the stored outcome stands"),
             ("alertd_messages_redelivered", "redelivered", "Deliveries flagged redelivered "
              "by the broker"),
             ("alertd_amqp_reconnects", "amqp_reconnects", "AMQP reconnections by children"),

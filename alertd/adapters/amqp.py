@@ -27,6 +27,7 @@ from alertd.handler import (
     InboundMessage,
     Requeue,
     Retry,
+    attempt_number,
 )
 from alertd.stats import ChildStats
 
@@ -339,8 +340,7 @@ class AmqpConsumer:
         Requeueing it would spin on the same message forever.
         """
         self._stats.count("internal_errors")
-        attempt = inbound.headers.get(ATTEMPT_HEADER)
-        number = attempt if isinstance(attempt, int) else 1
+        number = attempt_number(inbound.headers, self._settings.max_attempts)
         if number >= self._settings.max_attempts:
             return DeadLetter(f"internal_error: {type(exc).__name__}: {exc}"[:500])
         received = inbound.headers.get(RECEIVED_AT_HEADER)

@@ -44,7 +44,7 @@ def test_flag_beats_env_beats_file_beats_default(tmp_path: Path) -> None:
     assert doc["workers"] == 7          # flag over env and file
     assert doc["concurrency"] == 9      # env over file
     assert doc["queue"] == "from-file"  # file over default
-    assert doc["allow_networks"] == ["127.0.0.1/32"]
+    assert doc["allow_network"] == ["127.0.0.1/32"]
 
 
 def test_the_config_file_can_come_from_env(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_the_config_file_can_come_from_env(tmp_path: Path) -> None:
 
 def test_repeatable_allow_network_from_env_is_space_separated() -> None:
     doc = effective(env={"ALERTD_ALLOW_NETWORK": "127.0.0.1/32 ::1/128"})
-    assert doc["allow_networks"] == ["127.0.0.1/32", "::1/128"]
+    assert doc["allow_network"] == ["127.0.0.1/32", "::1/128"]
 
 
 @pytest.mark.parametrize(("args", "env", "names"), [
@@ -70,6 +70,14 @@ def test_repeatable_allow_network_from_env_is_space_separated() -> None:
     (["--webhook-url", "ftp://x"], {}, "webhook_url"),
     ([], {"ALERTD_WEBHOOK_SECRET": "plain-text"}, "webhook_secret"),
     ([], {"ALERTD_WEBHOOK_SECRET": "whsec_%%%"}, "webhook_secret"),
+    # nan/inf pass every "> 0" check; a nan graceful timeout never ends a stop.
+    (["--graceful-timeout", "nan"], {}, "graceful_timeout"),
+    (["--download-timeout", "inf"], {}, "download_timeout"),
+    ([], {"ALERTD_RETRY_DELAY": "nan"}, "retry_delay"),
+    # The longest delay queue would need a TTL RabbitMQ refuses (> 2^32-1 ms).
+    (["--max-attempts", "25"], {}, "max_attempts"),
+    # Every child would crash on it, one after the other, instead.
+    (["--download-dir", "/nonexistent/alertd-dl"], {}, "download_dir"),
 ])
 def test_a_bad_value_is_refused_with_one_line_naming_it(
     args: list[str], env: dict[str, str], names: str,
@@ -107,7 +115,7 @@ def test_secrets_are_masked_in_check_config(tmp_path: Path) -> None:
     for secret in (SECRET.removeprefix("whsec_"), "hunter2", "pgpass", "pgq", "hookpw", "tok3n"):
         assert secret not in done.stdout
     doc = orjson.loads(done.stdout)
-    assert doc["webhook_secrets"] == ["whsec_*** (1 set)"]
+    assert doc["webhook_secret"] == ["whsec_*** (1 set)"]
     assert doc["amqp_url"] == "amqp://u:***@127.0.0.1/v"
     assert doc["dsn"] == "postgresql://u:***@127.0.0.1/db?sslmode=require&password=***"
     assert doc["webhook_url"] == "https://hook:***@hooks.test/in?t=***"
@@ -176,3 +184,18 @@ def test_one_config_file_serves_every_command(tmp_path: Path) -> None:
                     ["status"], ["check-config"]):
         done = alertd(*command, "--help", env={"ALERTD_CONFIG": str(conf)})
         assert done.returncode == 0, (command, done.stderr)
+
+
+def test_a_download_dir_that_is_a_file_is_refused_and_a_directory_is_taken(
+    tmp_path: Path,
+) -> None:
+    afile = tmp_path / "f"
+    afile.write_text("")
+    done = alertd("check-config", "--download-dir", str(afile))
+    assert done.returncode == 3 and "download_dir" in done.stderr
+    assert effective("--download-dir", str(tmp_path))["download_dir"] == str(tmp_path)
+
+
+def test_the_longest_retry_delay_rabbitmq_accepts_is_taken() -> None:
+    # 5 s x 2^19 = 2,621,440 s: the 20th delay queue's TTL still fits in 2^32-1 ms.
+    assert effective("--max-attempts", "21")["max_attempts"] == 21

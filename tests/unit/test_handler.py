@@ -94,16 +94,22 @@ async def test_the_slot_reports_its_alert_id_while_busy() -> None:
     assert stats.slots == {}
 
 
-async def test_a_reused_alert_id_for_another_request_is_dead_lettered_with_its_reason() -> None:
+async def test_a_reused_alert_id_for_another_request_is_acked_counted_and_not_stored_again(
+) -> None:
+    # Issue 2: a duplicate alert_id already stored is acked without a second
+    # result or webhook, whatever else the message says.
     store = InMemoryStore()
     handle, stats = handler(store=store)
     await handle(InboundMessage(BODY, {}, False), stats.open_slot())
     other = orjson.dumps({"alert_id": "h-1", "video_url": "http://clips.test/b.mp4",
                           "webhook_url": "http://h.test/"})
     disposition = await handle(InboundMessage(other, {}, False), stats.open_slot())
-    assert isinstance(disposition, DeadLetter)
-    assert disposition.reason.startswith("duplicate_alert_id:")
-    assert stats.counters[("invalid", "duplicate_alert_id")] == 1
+    assert disposition == Ack()
+    assert len(store.rows) == 1 and len(store.outbox) == 1
+    assert store.rows["h-1"].alert.video_url != "http://clips.test/b.mp4"
+    assert stats.counters[("duplicates",)] == 1
+    assert stats.counters[("conflicting_duplicates",)] == 1
+    assert ("invalid", "duplicate_alert_id") not in stats.counters
 
 
 async def test_a_received_at_header_out_of_range_is_ignored_not_a_crash() -> None:
@@ -113,3 +119,16 @@ async def test_a_received_at_header_out_of_range_is_ignored_not_a_crash() -> Non
     assert await handle(InboundMessage(BODY, headers, False), stats.open_slot()) == Ack()
     row = store.rows["h-1"]
     assert row.attempts == 2 and row.received_at.year == dt.datetime.now(dt.UTC).year
+
+
+async def test_an_attempt_header_out_of_range_is_clamped_to_the_attempts_alertd_allows() -> None:
+    # Anyone who can publish sets headers: 2^40 would not fit the int4
+    # ``attempts`` column, and the alert would end in the DLQ unstored.
+    store = InMemoryStore()
+    handle, stats = handler(store=store)
+    for alert_id, number, stored in (("big", 2**40, 3), ("zero", 0, 1), ("neg", -5, 1)):
+        body = orjson.dumps({"alert_id": alert_id, "video_url": "http://clips.test/a.mp4",
+                             "webhook_url": "http://h.test/"})
+        assert await handle(InboundMessage(body, {ATTEMPT_HEADER: number}, False),
+                            stats.open_slot()) == Ack()
+        assert store.rows[alert_id].attempts == stored
