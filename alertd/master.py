@@ -107,6 +107,7 @@ class Arbiter:
                  self.num_workers, self.settings.concurrency,
                  f", autoscaling {self.autoscaler.low}..{self.autoscaler.high}"
                  if self.autoscaler else "")
+        _warn_if_unsigned(self.settings)
 
     def _teardown(self) -> None:
         sdnotify.notify("STOPPING=1")
@@ -115,8 +116,7 @@ class Arbiter:
         if self.autoscaler is not None:
             self.autoscaler.close()
         if self._pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(self._pidfile)
+            _remove_pidfile(self._pidfile)
 
     def _tick(self) -> None:
         # Signals still queued are handled one per tick, without waiting a tick.
@@ -198,6 +198,7 @@ class Arbiter:
             if new.pidfile != self._pidfile:
                 log.warning("pidfile: a change takes effect at the next start; %s stays",
                             self._pidfile)
+            _warn_if_unsigned(new)
         sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self._ready_sent = False
         self.generation += 1
@@ -507,6 +508,22 @@ class Arbiter:
         if now - self._last_summary >= SUMMARY_EVERY_S:
             self._last_summary = now
             log.info("%s", self.aggregate.summary(self.children.values(), SUMMARY_EVERY_S))
+
+
+def _warn_if_unsigned(settings: Settings) -> None:
+    """Receivers cannot tell alertd's webhooks from forgeries without a secret: say so."""
+    if not settings.webhook_secrets:
+        log.warning("no webhook secret (ALERTD_WEBHOOK_SECRET or webhook_secret in the config "
+                    "file): webhooks are sent without a webhook-signature header")
+
+
+def _remove_pidfile(path: str) -> None:
+    """Remove the pidfile if it still names this process (another may have written it since)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as fh:
+            if int(fh.read().strip() or 0) != os.getpid():
+                return
+        os.unlink(path)
 
 
 def _write_pidfile(path: str) -> None:

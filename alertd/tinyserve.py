@@ -10,6 +10,7 @@ the loop that supervises the children.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import selectors
@@ -53,6 +54,7 @@ class TinyServer:
         self._line = line
         self._clients: dict[int, _Client] = {}
         self._accept_error_logged = 0.0
+        self._unix: tuple[str, int] | None = None  # path and inode of a socket we bound
         listener.setblocking(False)
         selector.register(listener, selectors.EVENT_READ, self._accept)
 
@@ -72,6 +74,17 @@ class TinyServer:
 
     @classmethod
     def unix(cls, path: str, selector: selectors.BaseSelector, line: LineHandler) -> TinyServer:
+        """Listen on ``path``, replacing a stale socket file but never a live one.
+
+        A socket file nobody answers on is what a killed master leaves. One
+        that answers belongs to a running master (a second instance started
+        with the same ``--control-socket``): taking it over would leave that
+        master unreachable by ``alertd status`` and, once it stops, unlink
+        the path under this one.
+        """
+        if _answers(path):
+            raise OSError(errno.EADDRINUSE, "another process (a running alertd master?) "
+                          "answers on it")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -79,10 +92,13 @@ class TinyServer:
             sock.bind(path)
             os.chmod(path, 0o600)
             sock.listen(16)
+            inode = os.stat(path).st_ino
         except OSError:
             sock.close()
             raise
-        return cls(sock, selector, line=line)
+        server = cls(sock, selector, line=line)
+        server._unix = (path, inode)
+        return server
 
     def fds(self) -> list[int]:
         return [self.listener.fileno(), *self._clients]
@@ -92,9 +108,12 @@ class TinyServer:
             self._drop(fd)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(self.listener)
-        if self.listener.family == socket.AF_UNIX:
+        if self._unix is not None:
+            path, inode = self._unix
+            # Only our own file: if it was replaced since, it is someone else's now.
             with contextlib.suppress(OSError):
-                os.unlink(self.listener.getsockname())
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
         self.listener.close()
 
     def expire(self) -> None:
@@ -193,3 +212,14 @@ class TinyServer:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(client.sock)
         client.sock.close()
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the Unix socket ``path`` (a stale file refuses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:  # refused (stale), missing, not a socket, timed out
+            return False
+    return True

@@ -385,6 +385,44 @@ def test_a_port_in_use_or_an_unwritable_path_is_refused_at_start_in_one_line_nam
             again.bind(("127.0.0.1", metrics))
 
 
+def test_a_second_master_on_the_same_control_socket_is_refused_and_the_first_keeps_it(
+    tmp_path: Path, fresh_vhost: str, fresh_db: str,
+) -> None:
+    pidfile = tmp_path / "alertd.pid"
+    with Alertd(tmp_path, fresh_vhost, fresh_db, "--pidfile", str(pidfile),
+                workers=1) as first:
+        first.wait_consuming()
+        other = tmp_path / "second"
+        other.mkdir()
+        with Alertd(other, fresh_vhost, fresh_db, "--control-socket", first.control,
+                    "--pidfile", str(pidfile), workers=1) as second:
+            assert second.wait(20) == 1, second.log()
+        assert second.log().strip().splitlines()[-1] == (
+            f"alertd: error: control_socket: cannot listen on {first.control}: another "
+            "process (a running alertd master?) answers on it"), second.log()
+        assert spawned(second.log()) == []
+        doc = first.status()
+        assert doc is not None and doc["master_pid"] == first.pid
+        assert pidfile.read_text() == f"{first.pid}\n"
+        first.stop()
+    assert not Path(first.control).exists() and not pidfile.exists()
+
+
+def test_a_master_without_a_webhook_secret_warns_that_webhooks_go_unsigned(
+    tmp_path: Path, fresh_vhost: str, fresh_db: str,
+) -> None:
+    warning = "webhooks are sent without a webhook-signature header"
+    with Alertd(tmp_path, fresh_vhost, fresh_db, workers=1) as signed:
+        signed.wait_consuming()
+    assert warning not in signed.log()
+    other = tmp_path / "unsigned"
+    other.mkdir()
+    with Alertd(other, fresh_vhost, fresh_db, workers=1,
+                env={"ALERTD_WEBHOOK_SECRET": ""}) as unsigned:
+        unsigned.wait_consuming()
+    assert warning in unsigned.log()
+
+
 # A master that forks one real child, prints its pid and dies after argv[1]
 # seconds. Nothing answers on port 1: only the orphan check can end the child.
 SHORT_LIVED_MASTER = """

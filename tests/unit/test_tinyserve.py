@@ -130,3 +130,42 @@ def test_an_accept_error_is_logged_not_raised_into_the_masters_loop(
         "cannot accept on ('127.0.0.1', 1): [Errno 24] Too many open files") == 1
     monkeypatch.setattr(server, "listener", real_listener)
     server.close()
+
+
+def test_a_live_control_socket_is_not_taken_over_and_a_stale_one_is(
+    selector: selectors.BaseSelector, tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "control.sock")
+    first = TinyServer.unix(path, selector, lambda command: b'{"who": "first"}\n')
+    try:
+        # A second master with the same --control-socket is refused...
+        with pytest.raises(OSError, match="answers on it"):
+            TinyServer.unix(path, selector, lambda command: b"{}\n")
+        # ...and the first still answers on its path.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)
+            assert b"first" in exchange(selector, client, b"status\n")
+    finally:
+        first.close()
+    # What a SIGKILLed master leaves: a socket file nobody listens on.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    assert Path(path).exists()
+    second = TinyServer.unix(path, selector, lambda command: b'{"who": "second"}\n')
+    second.close()
+
+
+def test_closing_leaves_a_socket_file_that_is_no_longer_ours(
+    selector: selectors.BaseSelector, tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "control.sock")
+    old = TinyServer.unix(path, selector, lambda command: b"{}\n")
+    Path(path).unlink()  # e.g. a tmp cleaner; then another master binds the path
+    new = TinyServer.unix(path, selector, lambda command: b"{}\n")
+    try:
+        old.close()
+        assert Path(path).exists()
+    finally:
+        new.close()
+    assert not Path(path).exists()
