@@ -189,7 +189,8 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
             f"invalid_field: alert_id must be 1..{MAX_ALERT_ID_LEN} characters, got {len(alert_id)}"
         )
     if not alert_id.isprintable():
-        raise InvalidMessage("invalid_field: alert_id has control characters")
+        raise InvalidMessage("invalid_field: alert_id has non-printable characters (control, "
+                             "format or non-ASCII space characters)")
 
     video_url = _http_url(doc, "video_url", required=True)
     assert video_url is not None

@@ -62,6 +62,8 @@ def test_a_complete_message_becomes_an_alert_and_unknown_keys_are_ignored() -> N
     ({**GOOD, "attributes": {"\x00": 1}}, "invalid_field: attributes contains a NUL character"),
     ({**GOOD, "video_url": "http://x/v\x00"}, "invalid_field: video_url has control characters"),
     ({**GOOD, "webhook_url": "http://h/\n"}, "invalid_field: webhook_url has control characters"),
+    ({**GOOD, "alert_id": "a\u00a0b"}, "invalid_field: alert_id has non-printable characters"),
+    ({**GOOD, "alert_id": "a\u200bb"}, "invalid_field: alert_id has non-printable characters"),
 ])
 def test_a_bad_message_is_refused_with_a_specific_reason(body: object, reason: str) -> None:
     with pytest.raises(InvalidMessage) as info:
