@@ -6,6 +6,7 @@ import datetime as dt
 import enum
 import functools
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,11 @@ MAX_URL_LEN = 4096
 # an alert is a few hundred bytes, so anything near this is abuse or a bug.
 MAX_BODY_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32
+# orjson reads an integer outside [-2^63, 2^64) as a float, so an attribute
+# would be echoed back changed. Such a literal has at least 19 digits: only
+# a body with a run that long is read again, exactly, to look for one.
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+_INT_RANGE = (-(2**63), 2**64)
 
 JSON = dict[str, Any]
 
@@ -218,6 +224,12 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
             if _has_nul(doc.get(key)):
                 raise InvalidMessage(f"invalid_field: {key} contains a NUL character (\\u0000)")
 
+    if attributes and _LONG_DIGIT_RUN.search(body) and _has_wide_int(
+            json.loads(text).get("attributes")):
+        raise InvalidMessage("invalid_field: attributes has an integer outside the 64-bit "
+                             "range, which would not be echoed back unchanged (send it as "
+                             "a string)")
+
     return Alert(
         alert_id=alert_id,
         video_url=video_url,
@@ -236,6 +248,17 @@ def _has_nul(value: object) -> bool:
         return any("\x00" in key or _has_nul(item) for key, item in value.items())
     if isinstance(value, list):
         return any(_has_nul(item) for item in value)
+    return False
+
+
+def _has_wide_int(value: object) -> bool:
+    """Whether an integer outside what orjson keeps exact is nested in ``value``."""
+    if isinstance(value, int):
+        return not _INT_RANGE[0] <= value < _INT_RANGE[1]
+    if isinstance(value, dict):
+        return any(_has_wide_int(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_wide_int(item) for item in value)
     return False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import orjson
 import pytest
@@ -62,6 +63,11 @@ def test_a_complete_message_becomes_an_alert_and_unknown_keys_are_ignored() -> N
     ({**GOOD, "attributes": {"\x00": 1}}, "invalid_field: attributes contains a NUL character"),
     ({**GOOD, "video_url": "http://x/v\x00"}, "invalid_field: video_url has control characters"),
     ({**GOOD, "webhook_url": "http://h/\n"}, "invalid_field: webhook_url has control characters"),
+    # orjson would read these as floats: the echo would differ from what was sent.
+    (json.dumps({**GOOD, "attributes": {"n": [2**64]}}).encode(),
+     "invalid_field: attributes has an integer outside"),
+    (json.dumps({**GOOD, "attributes": {"n": {"m": -(2**63) - 1}}}).encode(),
+     "invalid_field: attributes has an integer outside"),
     ({**GOOD, "alert_id": "a\u00a0b"}, "invalid_field: alert_id has non-printable characters"),
     ({**GOOD, "alert_id": "a\u200bb"}, "invalid_field: alert_id has non-printable characters"),
 ])
@@ -118,3 +124,10 @@ def test_utc_times_format_the_same_with_or_without_the_shortcut() -> None:
 def test_an_escaped_backslash_before_u0000_is_text_not_a_nul() -> None:
     alert = parse({**GOOD, "source": "\\u0000", "attributes": {"k": "\\u0000"}})
     assert alert.source == "\\u0000" and alert.attributes == {"k": "\\u0000"}
+
+
+def test_integers_orjson_keeps_exact_and_long_digit_strings_are_echoed_unchanged() -> None:
+    attributes = {"u64": 2**64 - 1, "i64": -(2**63), "digits": "1" * 25,
+                  "elsewhere": 10**30 / 3}
+    body = json.dumps({**GOOD, "attributes": attributes, "unknown": 10**30}).encode()
+    assert parse(body).attributes == attributes
