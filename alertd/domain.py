@@ -27,6 +27,7 @@ MAX_JSON_DEPTH = 32
 # a body with a run that long is read again, exactly, to look for one.
 _LONG_DIGIT_RUN = re.compile(rb"\d{19}")
 _INT_RANGE = (-(2**63), 2**64)
+_LEAP_SECOND = re.compile(r"[Tt]\d\d:\d\d:(60)(?:[.,]\d+)?(?:[+-]|Z|$)")
 
 JSON = dict[str, Any]
 
@@ -306,10 +307,17 @@ def _rfc3339(value: object) -> dt.datetime:
     text = value.replace("z", "Z")
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
+    # RFC 3339 allows a leap second (23:59:60), which datetime cannot hold:
+    # it is read as the second after 23:59:59, as PostgreSQL does.
+    leap = _LEAP_SECOND.search(text)
+    if leap:
+        text = text[:leap.start(1)] + "59" + text[leap.end(1):]
     try:
         parsed = dt.datetime.fromisoformat(text)
     except ValueError:
         raise InvalidMessage("invalid_field: occurred_at is not RFC 3339") from None
+    if leap:
+        parsed += dt.timedelta(seconds=1)
     if "T" not in value.upper() or parsed.tzinfo is None:
         raise InvalidMessage("invalid_field: occurred_at needs a date, a time and an offset")
     return parsed

@@ -131,3 +131,11 @@ def test_integers_orjson_keeps_exact_and_long_digit_strings_are_echoed_unchanged
                   "elsewhere": 10**30 / 3}
     body = json.dumps({**GOOD, "attributes": attributes, "unknown": 10**30}).encode()
     assert parse(body).attributes == attributes
+
+
+def test_a_leap_second_is_a_valid_occurred_at() -> None:
+    # RFC 3339 section 5.7 allows 23:59:60; datetime cannot hold it.
+    alert = parse({**GOOD, "occurred_at": "2016-12-31T23:59:60Z"})
+    assert alert.occurred_at == dt.datetime(2017, 1, 1, tzinfo=dt.UTC)
+    with pytest.raises(InvalidMessage):
+        parse({**GOOD, "occurred_at": "2016-12-31T23:59:61Z"})
