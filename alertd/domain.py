@@ -23,9 +23,8 @@ MAX_URL_LEN = 4096
 MAX_BODY_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 32
 # orjson reads an integer outside [-2^63, 2^64) as a float, so an attribute
-# would be echoed back changed. Such a literal has at least 19 digits: only
-# a body with a run that long is read again, exactly, to look for one.
-_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+# would be echoed back changed. Only attributes holding a float that far out
+# (rare) are read again, exactly, to tell such an integer from a real float.
 _INT_RANGE = (-(2**63), 2**64)
 _LEAP_SECOND = re.compile(r"[Tt]\d\d:\d\d:(60)(?:[.,]\d+)?(?:[+-]|Z|$)")
 
@@ -225,7 +224,7 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
             if _has_nul(doc.get(key)):
                 raise InvalidMessage(f"invalid_field: {key} contains a NUL character (\\u0000)")
 
-    if attributes and _LONG_DIGIT_RUN.search(body) and _has_wide_int(
+    if attributes and _has_far_float(attributes) and _has_wide_int(
             json.loads(text).get("attributes")):
         raise InvalidMessage("invalid_field: attributes has an integer outside the 64-bit "
                              "range, which would not be echoed back unchanged (send it as "
@@ -249,6 +248,23 @@ def _has_nul(value: object) -> bool:
         return any("\x00" in key or _has_nul(item) for key, item in value.items())
     if isinstance(value, list):
         return any(_has_nul(item) for item in value)
+    return False
+
+
+def _has_far_float(attributes: JSON) -> bool:
+    """Whether a float outside [-2^63, 2^64) is nested in ``attributes`` (a loop:
+    this runs for every alert with attributes)."""
+    low, high = _INT_RANGE
+    pending: list[Any] = [attributes]
+    while pending:
+        value = pending.pop()
+        for item in value.values() if type(value) is dict else value:
+            kind = type(item)
+            if kind is float:
+                if not low < item < high:
+                    return True
+            elif kind is dict or kind is list:
+                pending.append(item)
     return False
 
 
@@ -309,7 +325,7 @@ def _rfc3339(value: object) -> dt.datetime:
         text = text[:-1] + "+00:00"
     # RFC 3339 allows a leap second (23:59:60), which datetime cannot hold:
     # it is read as the second after 23:59:59, as PostgreSQL does.
-    leap = _LEAP_SECOND.search(text)
+    leap = _LEAP_SECOND.search(text) if ":60" in text else None
     if leap:
         text = text[:leap.start(1)] + "59" + text[leap.end(1):]
     try:
