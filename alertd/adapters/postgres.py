@@ -47,9 +47,13 @@ __all__ = [
 Pool: TypeAlias = AsyncConnectionPool[AsyncConnection[TupleRow]]
 
 # What "the database is not there right now" looks like from psycopg: refused
-# or lost connections, terminated backends, server restarts, pool timeouts.
+# or lost connections, terminated backends, server restarts, pool timeouts,
+# and a server that takes no writes (a failover left us on a standby, a
+# default_transaction_read_only database, a managed one made read-only on a
+# full disk): an InternalError in psycopg, but an outage to wait out, not a bug.
 # ProgrammingError, IntegrityError and DataError are bugs and stay loud.
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout,
+                psycopg.errors.ReadOnlySqlTransaction)
 
 
 async def open_pool(
@@ -176,7 +180,15 @@ class PostgresStore:
             # The pool sees the original error first, so it discards a broken
             # connection before we translate the error for the caller.
             async with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    # The pool would keep this connection: it is healthy, only
+                    # read-only, and stays so (a standby, or a session that
+                    # started read-only). Closed, it is replaced by a new one,
+                    # which may reach the new primary or a writable database.
+                    await conn.close()
+                    raise
         except _UNAVAILABLE as exc:
             self._sweep_idle_soon()
             raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None

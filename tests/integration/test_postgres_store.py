@@ -26,8 +26,10 @@ from alertd.adapters.postgres import (
 from alertd.adapters.schema import MIGRATIONS
 from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event, webhook_receiver
 from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
+from alertd.outbox import OutboxDispatcher
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
-from tests.fakes import VIDEO_METADATA
+from alertd.stats import ChildStats
+from tests.fakes import VIDEO_METADATA, RecordingSender
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -746,3 +748,74 @@ async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and
     assert await store.recorded_fingerprint(outcome.alert.alert_id) is None
     assert await store.record_outcome(outcome, event_for(outcome)) is True
     assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
+
+
+async def set_read_only(dsn: str, on: bool) -> None:
+    """Make the database refuse writes on its new connections (as a standby, or a
+    managed database whose disk is full, does), or take them again."""
+    name = sql.Identifier(conninfo_to_dict(dsn)["dbname"])
+    setting = sql.SQL("on" if on else "off")
+    writable = make_conninfo(dsn, options="-c default_transaction_read_only=off")
+    await fetch(writable, sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = {}")
+                .format(name, setting))
+
+
+async def test_a_read_only_database_is_unavailable_until_it_takes_writes_again(
+    fresh_db: str,
+) -> None:
+    await set_read_only(fresh_db, True)
+    pool = await open_pool(fresh_db, 2, application_name=APP)
+    try:
+        await pool.wait(timeout=10)
+        store = PostgresStore(pool)
+        outcome = make_outcome()
+        with pytest.raises(StoreUnavailable, match="read-only transaction"):
+            await store.record_outcome(outcome, event_for(outcome))
+        with pytest.raises(StoreUnavailable, match="read-only transaction"):
+            await store.claim_due(10, lease_s=60)
+        assert await store.recorded_fingerprint(outcome.alert.alert_id) is None  # reads work
+        await set_read_only(fresh_db, False)
+        # A connection that refused a write is replaced rather than kept, so
+        # each read-only one fails once at most and then the same store writes.
+        refused = 0
+        while True:
+            try:
+                assert await store.record_outcome(outcome, event_for(outcome)) is True
+                break
+            except StoreUnavailable:
+                refused += 1
+                assert refused <= 2, "read-only connections were kept"
+        assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
+    finally:
+        await pool.close()
+
+
+async def test_the_outbox_dispatcher_waits_out_a_read_only_database(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    await set_read_only(fresh_db, True)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    sender = RecordingSender()
+    dispatcher = OutboxDispatcher(PostgresStore(pool), sender, ChildStats(), max_attempts=5,
+                                  lease_s=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.sleep(1.5)  # claims refused: before, the claimer died of the first
+        assert not task.done() and sender.sent == []
+        await set_read_only(fresh_db, False)
+        delivered: list[tuple[Any, ...]] = []
+        for _ in range(100):
+            dispatcher.wake()
+            delivered = await fetch(fresh_db, "SELECT status FROM webhook_outbox")
+            if delivered == [("delivered",)]:
+                break
+            await asyncio.sleep(0.1)
+        assert delivered == [("delivered",)]
+        assert len(sender.sent) == 1
+        dispatcher.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
