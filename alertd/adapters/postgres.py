@@ -52,6 +52,19 @@ Pool: TypeAlias = AsyncConnectionPool[AsyncConnection[TupleRow]]
 # default_transaction_read_only database, a managed one made read-only on a
 # full disk): an InternalError in psycopg, but an outage to wait out, not a bug.
 # ProgrammingError, IntegrityError and DataError are bugs and stay loud.
+# Server-side limits on every statement of the daemon's connections, so a
+# lock wait (a migration's ALTER TABLE queued behind a long reader queues
+# everyone behind it) or a hung backend ends in StoreUnavailable (psycopg's
+# QueryCanceled and LockNotAvailable are OperationalErrors) and the slot's
+# retry, instead of holding the slot and its unacked delivery for ever with
+# nothing to show for it. alertd's statements take milliseconds and lock a few
+# rows, in one order (waits between its own are as short): 10 s of lock wait
+# only comes from someone else's lock; 30 s of statement covers a slow disk or a
+# checkpoint with room to spare, and ends a record of attempts well before its
+# rows' lease (at least 30 s plus three webhook timeouts) would send them again.
+STATEMENT_TIMEOUT_S = 30.0
+LOCK_TIMEOUT_S = 10.0
+
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout,
                 psycopg.errors.ReadOnlySqlTransaction)
 
@@ -87,7 +100,7 @@ async def open_pool(
             "keepalives_count": 3,
             "tcp_user_timeout": 25_000,
         },
-        configure=_use_orjson,
+        configure=_configure,
         check=lambda conn: _check_and_sweep(conn, pool),
         timeout=checkout_timeout,
         # psycopg_pool backs off by doubling with no ceiling until it gives up
@@ -142,9 +155,16 @@ def _looks_alive(conn: AsyncConnection[TupleRow]) -> bool:
         return False
 
 
-async def _use_orjson(conn: AsyncConnection[TupleRow]) -> None:
+async def _configure(conn: AsyncConnection[TupleRow]) -> None:
+    """Each new connection: orjson for JSON, and the timeouts set on the session.
+
+    On the session, not through the DSN's ``options``, which stays the operator's.
+    """
     set_json_dumps(orjson.dumps, conn)
     set_json_loads(orjson.loads, conn)
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
+        (f"{round(STATEMENT_TIMEOUT_S * 1000)}ms", f"{round(LOCK_TIMEOUT_S * 1000)}ms"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from alertd.adapters import postgres, schema
 from alertd.adapters.postgres import (
     SCHEMA_VERSION,
     Pool,
@@ -25,7 +26,7 @@ from alertd.adapters.postgres import (
 )
 from alertd.adapters.schema import MIGRATIONS
 from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event, webhook_receiver
-from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
+from alertd.errors import AlertdError, ConfigError, ErrorCode, StoreUnavailable
 from alertd.outbox import OutboxDispatcher
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from alertd.stats import ChildStats
@@ -819,3 +820,66 @@ async def test_the_outbox_dispatcher_waits_out_a_read_only_database(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await pool.close()
+
+
+async def test_a_statement_waiting_for_a_lock_ends_in_store_unavailable_within_the_lock_timeout(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ALTER TABLE queued behind a long reader (here: a held lock) no longer holds
+    the slot and its delivery for ever; the slot's store retry takes over."""
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT_S", 0.5)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    try:
+        await pool.wait(timeout=10)
+        store = PostgresStore(pool)
+        outcome = make_outcome()
+        async with await psycopg.AsyncConnection.connect(fresh_db) as holder:
+            await holder.execute("LOCK TABLE alerts IN ACCESS EXCLUSIVE MODE")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await asyncio.wait_for(store.record_outcome(outcome, event_for(outcome)), 5)
+            assert asyncio.get_running_loop().time() - started < 2
+            await holder.rollback()
+        assert await store.record_outcome(outcome, event_for(outcome)) is True
+    finally:
+        await pool.close()
+
+
+async def test_a_hung_statement_ends_in_store_unavailable_within_the_statement_timeout(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_S", 0.5)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    try:
+        store = PostgresStore(pool)
+
+        async def hung_backend() -> None:
+            async with store._connection() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            await asyncio.wait_for(hung_backend(), 5)
+        assert await store.recorded_fingerprint("x") is None  # the connection works on
+    finally:
+        await pool.close()
+
+
+def test_a_migration_step_waiting_for_a_table_in_use_fails_in_one_line_instead_of_hanging(
+    unmigrated_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queued ALTER TABLE would block every query on the table behind it."""
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])
+    assert migrate(unmigrated_db) == 1
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(schema, "MIGRATION_LOCK_TIMEOUT_S", 0.5)
+    with psycopg.connect(unmigrated_db) as reader, ThreadPoolExecutor(max_workers=1) as pool:
+        reader.execute("SELECT count(*) FROM alerts")  # a long reader: its transaction is open
+        attempt = pool.submit(migrate, unmigrated_db)
+        try:
+            with pytest.raises(AlertdError) as info:
+                attempt.result(timeout=5)
+        finally:
+            reader.rollback()  # let a migrate that hangs (the bug) end
+    message = str(info.value)
+    assert "\n" not in message and "alertd db migrate" in message, message
+    assert schema_version(unmigrated_db) == 1
+    assert migrate(unmigrated_db) == SCHEMA_VERSION
