@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import random
 
@@ -233,7 +232,7 @@ class OutboxDispatcher:
         attempts_made = delivery.attempts + 1
         self._note_answer(delivery, result)
         self._stats.observe("notify", result.duration_s)
-        next_at = None
+        retry_in_s = None
         if result.ok:
             outcome = "delivered"
         elif result.gone:
@@ -242,14 +241,13 @@ class OutboxDispatcher:
             outcome = "failed"
         else:
             outcome = "retry"
-            next_at = dt.datetime.now(dt.UTC) + dt.timedelta(
-                seconds=next_attempt_delay(attempts_made, result))
+            retry_in_s = next_attempt_delay(attempts_made, result)
         self._stats.count("webhooks", outcome)
         if outcome != "delivered":
             log.warning("webhook %s for alert %s attempt %d: %s (%s)", delivery.webhook_id,
                         delivery.alert_id, attempts_made,
                         result.error or f"HTTP {result.status_code}", outcome)
-        return AttemptRecord(delivery, result, next_at)
+        return AttemptRecord(delivery, result, retry_in_s)
 
     async def _record_finished(self) -> None:
         while True:

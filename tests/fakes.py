@@ -91,10 +91,11 @@ class InMemoryStore:
 
 @dataclass
 class InMemoryOutbox:
-    """A WebhookOutbox: ``pending`` rows, ``attempts`` recorded, ``finished`` rows."""
+    """A WebhookOutbox: ``pending`` rows, ``attempts`` recorded (with their
+    ``retry_in_s``), ``finished`` rows; due times by this fake's clock."""
 
     pending: list[PendingDelivery] = field(default_factory=list)
-    attempts: list[tuple[PendingDelivery, DeliveryResult, dt.datetime | None]] = field(
+    attempts: list[tuple[PendingDelivery, DeliveryResult, float | None]] = field(
         default_factory=list)
     due_at: dict[int, dt.datetime] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
@@ -120,23 +121,23 @@ class InMemoryOutbox:
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         self.writes.append(len(attempts))
         for record in attempts:
-            self._record(record.delivery, record.result, record.next_attempt_at)
+            self._record(record.delivery, record.result, record.retry_in_s)
 
     def _record(
-        self, delivery: PendingDelivery, result: DeliveryResult,
-        next_attempt_at: dt.datetime | None,
+        self, delivery: PendingDelivery, result: DeliveryResult, retry_in_s: float | None,
     ) -> None:
-        self.attempts.append((delivery, result, next_attempt_at))
+        self.attempts.append((delivery, result, retry_in_s))
         index = self.pending.index(next(p for p in self.pending
                                          if p.delivery_id == delivery.delivery_id))
-        if result.ok or result.gone or next_attempt_at is None:
+        if result.ok or result.gone or retry_in_s is None:
             self.finished[delivery.delivery_id] = (
                 "delivered" if result.ok else "gone" if result.gone else "failed")
             return
         self.pending[index] = PendingDelivery(
             delivery.delivery_id, delivery.webhook_id, delivery.alert_id, delivery.url,
             delivery.body, delivery.attempts + 1)
-        self.due_at[delivery.delivery_id] = next_attempt_at
+        self.due_at[delivery.delivery_id] = (
+            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry_in_s))
 
 
 @dataclass

@@ -363,13 +363,13 @@ def _distinct_rows(attempts: Sequence[AttemptRecord]) -> list[list[AttemptRecord
 
 def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {
-        "ids": [], "statuses": [], "next_at": [], "errors": [], "codes": [],
+        "ids": [], "statuses": [], "retry_in_s": [], "errors": [], "codes": [],
         "durations": [], "fallbacks": []}
     for record in attempts:
-        status = _status_after(record.result, record.next_attempt_at)
+        status = _status_after(record.result, record.retry_in_s)
         columns["ids"].append(record.delivery.delivery_id)
         columns["statuses"].append(status)
-        columns["next_at"].append(record.next_attempt_at if status == "pending" else None)
+        columns["retry_in_s"].append(record.retry_in_s if status == "pending" else None)
         # PostgreSQL text cannot hold NUL; an error text is ours, but may quote a peer.
         error = record.result.error
         columns["errors"].append(error.replace("\x00", "") if error else error)
@@ -380,12 +380,12 @@ def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
     return columns
 
 
-def _status_after(result: DeliveryResult, next_attempt_at: dt.datetime | None) -> str:
+def _status_after(result: DeliveryResult, retry_in_s: float | None) -> str:
     if result.ok:
         return "delivered"
     if result.gone:
         return "gone"
-    if result.permanent or next_attempt_at is None:
+    if result.permanent or retry_in_s is None:
         return "failed"
     return "pending"
 
@@ -453,9 +453,12 @@ _CLAIM_DUE_ONLY: LiteralString = (
     _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " = ANY(%(receivers)s)" + _CLAIM_DUE_TAIL)
 
 # Each attempt updates its row and is logged in webhook_attempts, in one
-# statement. A row no longer pending (its lease ran out and another
-# dispatcher ended it) keeps its final status; the attempt still happened,
-# so it is logged with the number this dispatcher gave it.
+# statement. The next attempt's time is the database's now() plus the delay,
+# like the leases and the due check: the app host's clock, set ahead, delayed
+# every retry by the difference, and set back, parked rows.
+# A row no longer pending (its lease ran out and another dispatcher ended it)
+# keeps its final status; the attempt still happened, so it is logged with the
+# number this dispatcher gave it.
 # The rows are locked first, in id order, as every statement that locks
 # several outbox rows does: two batches sharing rows (a lease that ran out)
 # or a batch and `alertd outbox retry` then wait for each other instead of
@@ -463,16 +466,17 @@ _CLAIM_DUE_ONLY: LiteralString = (
 _RECORD_ATTEMPTS: LiteralString = """
     WITH attempt AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[],
-                             %(next_at)s::timestamptz[], %(errors)s::text[],
+                             %(retry_in_s)s::float8[], %(errors)s::text[],
                              %(codes)s::int[], %(durations)s::int[], %(fallbacks)s::int[])
-            AS a(id, status, next_attempt_at, error, status_code, duration_ms, fallback)
+            AS a(id, status, retry_in_s, error, status_code, duration_ms, fallback)
     ), locked AS (
         SELECT id FROM webhook_outbox WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
     ), updated AS (
         UPDATE webhook_outbox AS o
         SET status = a.status,
             attempts = o.attempts + 1,
-            next_attempt_at = coalesce(a.next_attempt_at, o.next_attempt_at),
+            next_attempt_at = coalesce(now() + make_interval(secs => a.retry_in_s),
+                                       o.next_attempt_at),
             last_error = a.error,
             last_status_code = a.status_code,
             delivered_at = CASE WHEN a.status = 'delivered' THEN now() END

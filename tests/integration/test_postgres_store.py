@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from alertd import outbox as outbox_module
 from alertd.adapters import postgres, schema
 from alertd.adapters.postgres import (
     SCHEMA_VERSION,
@@ -324,6 +326,12 @@ ATTEMPTS = """
     WHERE outbox_id = %s ORDER BY id"""
 
 
+# The attempt's time is the transaction's now(), as is the next attempt's base.
+NEXT_AFTER_ATTEMPT = """
+    SELECT o.next_attempt_at - a.attempted_at
+    FROM webhook_outbox AS o JOIN webhook_attempts AS a ON a.outbox_id = o.id"""
+
+
 async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
     store: PostgresStore, fresh_db: str,
 ) -> None:
@@ -339,9 +347,8 @@ async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
 async def test_a_410_attempt_ends_the_row_as_gone(store: PostgresStore, fresh_db: str) -> None:
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     result = DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True)
-    await store.record_attempts([AttemptRecord(delivery, result, later)])
+    await store.record_attempts([AttemptRecord(delivery, result, 300.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("gone", 1, "HTTP 410", 410, False)]
 
@@ -364,7 +371,7 @@ async def test_a_permanent_failure_ends_the_row_even_when_a_next_time_is_given(
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
     result = DeliveryResult(ok=False, error="forbidden_address", permanent=True)
-    await store.record_attempts([AttemptRecord(delivery, result, dt.datetime.now(dt.UTC))])
+    await store.record_attempts([AttemptRecord(delivery, result, 0.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("failed", 1, "forbidden_address", None, False)]
 
@@ -374,12 +381,11 @@ async def test_a_failed_attempt_with_a_next_time_stays_pending_until_then(
 ) -> None:
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     result = DeliveryResult(ok=False, status_code=500, error="HTTP 500")
-    await store.record_attempts([AttemptRecord(delivery, result, soon)])
+    await store.record_attempts([AttemptRecord(delivery, result, 1.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("pending", 1, "HTTP 500", 500, False)]
-    assert await fetch(fresh_db, "SELECT next_attempt_at FROM webhook_outbox") == [(soon,)]
+    assert await fetch(fresh_db, NEXT_AFTER_ATTEMPT) == [(dt.timedelta(seconds=1),)]
     assert await store.claim_due(10, lease_s=60) == []
     await asyncio.sleep(1.2)
     retried = await claim_one(store)
@@ -397,9 +403,8 @@ async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it
     stale = await claim_one(store)
     await store.record_attempts([
         AttemptRecord(stale, DeliveryResult(ok=True, status_code=200), None)])
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     await store.record_attempts([
-        AttemptRecord(stale, DeliveryResult(ok=False, status_code=500), later)])
+        AttemptRecord(stale, DeliveryResult(ok=False, status_code=500), 60.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (stale.delivery_id,)) == [
         ("delivered", 1, None, 200, True)]
     assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
@@ -412,7 +417,7 @@ async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
     ok, retry, gone, late = await store.claim_due(10, lease_s=60)
     await store.record_attempts([
         AttemptRecord(late, DeliveryResult(ok=True, status_code=200), None)])
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    soon = 60.0
     await store.record_attempts([
         AttemptRecord(ok, DeliveryResult(ok=True, status_code=204, duration_s=0.01), None),
         AttemptRecord(retry, DeliveryResult(ok=False, status_code=500, error="HTTP 500"), soon),
@@ -883,3 +888,38 @@ def test_a_migration_step_waiting_for_a_table_in_use_fails_in_one_line_instead_o
     assert "\n" not in message and "alertd db migrate" in message, message
     assert schema_version(unmigrated_db) == 1
     assert migrate(unmigrated_db) == SCHEMA_VERSION
+
+
+class DayAhead(dt.datetime):
+    """The app host's clock, set a day ahead of the database's."""
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> DayAhead:
+        ahead = dt.datetime.now(tz) + dt.timedelta(days=1)
+        return cls.fromtimestamp(ahead.timestamp(), tz)
+
+
+async def test_a_retry_is_due_after_its_delay_by_the_database_clock_whatever_the_app_clock(
+    store: PostgresStore, fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Leases and due checks use the database's now(); a retry time taken from the
+    app host's clock was off by the skew (a day late here; set back, rows parked)."""
+    monkeypatch.setattr(outbox_module, "dt", types.SimpleNamespace(
+        datetime=DayAhead, timedelta=dt.timedelta, UTC=dt.UTC), raising=False)
+    await queue_webhooks(store, 1)
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500, error="HTTP 500")])
+    dispatcher = OutboxDispatcher(store, sender, ChildStats(), max_attempts=5, lease_s=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        for _ in range(100):
+            if await fetch(fresh_db, "SELECT count(*) FROM webhook_attempts") == [(1,)]:
+                break
+            await asyncio.sleep(0.05)
+        dispatcher.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    [(delay,)] = await fetch(fresh_db, NEXT_AFTER_ATTEMPT)
+    # The first retry's backoff: BACKOFF_FIRST_S, jittered down to half.
+    assert dt.timedelta(seconds=0.5) <= delay <= dt.timedelta(seconds=1), delay
