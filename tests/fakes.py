@@ -129,6 +129,8 @@ class InMemoryOutbox:
         self.attempts.append((delivery, result, retry_in_s))
         index = self.pending.index(next(p for p in self.pending
                                          if p.delivery_id == delivery.delivery_id))
+        if delivery.delivery_id in self.finished and not result.ok:
+            return  # an ended row stays ended; only a delivery turns it delivered
         if result.ok or result.gone or retry_in_s is None:
             self.finished[delivery.delivery_id] = (
                 "delivered" if result.ok else "gone" if result.gone else "failed")

@@ -458,7 +458,11 @@ _CLAIM_DUE_ONLY: LiteralString = (
 # every retry by the difference, and set back, parked rows.
 # A row no longer pending (its lease ran out and another dispatcher ended it)
 # keeps its final status; the attempt still happened, so it is logged with the
-# number this dispatcher gave it.
+# number this dispatcher gave it. Except that a delivery ends a failed or gone
+# row as delivered (never the other way): when the dispatcher whose lease ran
+# out writes its final failure before the one that took the row over writes
+# its 2xx, the webhook was delivered, and `outbox retry --all` must not send it
+# again.
 # The rows are locked first, in id order, as every statement that locks
 # several outbox rows does: two batches sharing rows (a lease that ran out)
 # or a batch and `alertd outbox retry` then wait for each other instead of
@@ -481,7 +485,9 @@ _RECORD_ATTEMPTS: LiteralString = """
             last_status_code = a.status_code,
             delivered_at = CASE WHEN a.status = 'delivered' THEN now() END
         FROM attempt AS a
-        WHERE o.id = a.id AND o.status = 'pending' AND o.id IN (SELECT id FROM locked)
+        WHERE o.id = a.id AND o.id IN (SELECT id FROM locked)
+          AND (o.status = 'pending'
+               OR (a.status = 'delivered' AND o.status IN ('failed', 'gone')))
         RETURNING o.id, o.attempts
     )
     INSERT INTO webhook_attempts (outbox_id, attempt, status_code, error, duration_ms)

@@ -410,6 +410,31 @@ async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it
     assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
 
 
+@pytest.mark.parametrize("late_end", [
+    DeliveryResult(ok=False, status_code=500, error="HTTP 500"),
+    DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True),
+], ids=["failed", "gone"])
+async def test_a_delivery_recorded_after_a_late_final_failure_ends_the_row_delivered(
+    store: PostgresStore, fresh_db: str, late_end: DeliveryResult,
+) -> None:
+    """Dispatcher A's lease runs out mid-delivery and B takes the row over; A's
+    final failure is written first, B's 200 second. The webhook was delivered:
+    listed as failed, `outbox retry --all` would have sent it again."""
+    await queue_webhooks(store, 1)
+    first = (await store.claim_due(10, lease_s=0))[0]  # A's lease, already run out
+    second = await claim_one(store)  # B
+    assert second.delivery_id == first.delivery_id
+    await store.record_attempts([AttemptRecord(first, late_end, None)])
+    await store.record_attempts([
+        AttemptRecord(second, DeliveryResult(ok=True, status_code=200), None)])
+    assert await fetch(fresh_db, OUTBOX_STATE, (first.delivery_id,)) == [
+        ("delivered", 2, None, 200, True)]
+    assert [r[:2] for r in await fetch(fresh_db, ATTEMPTS, (first.delivery_id,))] == [
+        (1, late_end.status_code), (2, 200)]
+    assert await store.list_undelivered() == []
+    assert await store.retry_all_now() == 0
+
+
 async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
     store: PostgresStore, fresh_db: str,
 ) -> None:
