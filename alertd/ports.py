@@ -56,8 +56,11 @@ class ResultStore(Protocol):
 
         Idempotent by alert id: returns False, writing nothing, when an outcome
         for that alert is already stored (so a duplicate gets no second
-        webhook). Returns only after the commit. Raises ``StoreUnavailable``
-        when nothing could be committed.
+        webhook). Returns True, writing nothing, when the stored outcome is
+        this one (same request, status, attempt and ``processed_at``): an earlier call
+        committed it and lost the reply with its connection, so this delivery
+        recorded it. Returns only after the commit. Raises ``StoreUnavailable``
+        when the commit did not happen or its reply was lost.
         """
         ...
 

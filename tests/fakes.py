@@ -61,11 +61,14 @@ class FakeProber:
 
 @dataclass
 class InMemoryStore:
-    """Rows and outbox by alert id; ``outages`` calls fail with StoreUnavailable first."""
+    """Rows and outbox by alert id; ``outages`` calls fail with StoreUnavailable first;
+    the first ``lost_replies`` outcomes recorded commit, then fail the same way (a
+    reply lost with the connection after COMMIT)."""
 
     rows: dict[str, Outcome] = field(default_factory=dict)
     outbox: list[WebhookEvent] = field(default_factory=list)
     outages: int = 0
+    lost_replies: int = 0
     calls: int = 0
 
     def _maybe_unavailable(self) -> None:
@@ -81,11 +84,16 @@ class InMemoryStore:
 
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         self._maybe_unavailable()
-        if outcome.alert.alert_id in self.rows:
-            return False
+        if (stored := self.rows.get(outcome.alert.alert_id)) is not None:
+            return ((stored.processed_at, stored.status, stored.attempts,
+                     stored.alert.fingerprint) == (outcome.processed_at, outcome.status,
+                                                   outcome.attempts, outcome.alert.fingerprint))
         self.rows[outcome.alert.alert_id] = outcome
         if event is not None:
             self.outbox.append(event)
+        if self.lost_replies > 0:
+            self.lost_replies -= 1
+            raise StoreUnavailable("fake lost reply")
         return True
 
 

@@ -271,8 +271,15 @@ class PostgresStore:
         # outbox row exists exactly when the alert row was inserted by it.
         async with self._connection() as conn:
             cur = await conn.execute(sql, params)
-            # None: already stored by an earlier delivery of this alert; the
-            # first outcome wins and its webhook was already queued.
+            if await cur.fetchone() is not None:
+                return True
+            # Already stored: the first outcome wins and its webhook was queued.
+            # It may be this one, committed by an earlier call whose reply was
+            # lost with its connection (the service tried again): recorded by
+            # this delivery then, not a duplicate of another one. processed_at
+            # tells them apart (another delivery's processing ended at another
+            # microsecond), and the status and attempt number must match too.
+            cur = await conn.execute(_SAME_OUTCOME_STORED, params)
             return await cur.fetchone() is not None
 
     async def claim_due(
@@ -419,6 +426,13 @@ _INSERT_ALERT_AND_OUTBOX: LiteralString = """
     SELECT %(webhook_id)s, alert_id, %(event_type)s, %(url)s, %(payload)s, %(body)s
     FROM stored
     RETURNING alert_id
+"""
+
+_SAME_OUTCOME_STORED: LiteralString = """
+    SELECT 1 FROM alerts
+    WHERE alert_id = %(alert_id)s AND processed_at = %(processed_at)s
+      AND request_sha256 = %(request_sha256)s AND status = %(status)s
+      AND attempts = %(attempts)s
 """
 
 # SKIP LOCKED lets dispatchers in several processes claim disjoint rows without

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import types
 import uuid
@@ -202,6 +203,19 @@ async def test_a_duplicate_alert_id_returns_false_and_leaves_one_row_and_one_web
                        (alert_id,)) == [("done", 2)]
     assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox WHERE alert_id = %s",
                        (alert_id,)) == [(1,)]
+
+
+async def test_the_same_outcome_recorded_again_after_a_lost_commit_reply_is_true(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    """The service records it again when the COMMIT's reply was lost: that is this
+    delivery's commit, not another delivery's, which ended at another moment."""
+    outcome = make_outcome()
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    other = dataclasses.replace(outcome, processed_at=PROCESSED + dt.timedelta(microseconds=1))
+    assert await store.record_outcome(other, event_for(other)) is False
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
 
 
 async def test_an_outcome_without_a_webhook_event_queues_nothing(
