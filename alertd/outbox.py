@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import random
 
@@ -35,7 +34,9 @@ UNANSWERING_FORGET_S = 600.0   # ... or until this long after its last failure
 
 def next_attempt_delay(attempts_made: int, result: DeliveryResult) -> float:
     """Exponential backoff with full jitter; a receiver's Retry-After wins when longer."""
-    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, attempts_made - 1))
+    # The exponent is capped: 2.0 ** 1024 overflows a float, and the number of
+    # attempts has no upper bound (--webhook-max-attempts). 2 ** 32 s is past any cap.
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** min(max(0, attempts_made - 1), 32))
     delay = random.uniform(ceiling / 2, ceiling)
     if result.retry_after is not None:
         delay = max(delay, min(result.retry_after, BACKOFF_MAX_S))
@@ -213,10 +214,25 @@ class OutboxDispatcher:
             log.exception("webhook %s for alert %s: the sender failed", delivery.webhook_id,
                           delivery.alert_id)
             result = DeliveryResult(ok=False, error=f"internal_error: {type(exc).__name__}")
+        try:
+            record = self._attempt_record(delivery, result)
+        except Exception:
+            # A bug after the POST went out. Unrecorded, the row would be sent
+            # again every lease, for ever; recorded without a next time, it
+            # ends (failed unless delivered or gone) where `alertd outbox list`
+            # shows it and `alertd outbox retry` can send it again.
+            log.exception("webhook %s for alert %s: handling the answer failed; the row "
+                          "ends here", delivery.webhook_id, delivery.alert_id)
+            record = AttemptRecord(delivery, result, None)
+        self._finished.append(record)
+        self._to_record.set()
+
+    def _attempt_record(self, delivery: PendingDelivery, result: DeliveryResult) -> AttemptRecord:
+        """What to write for this attempt: the row's next state, counted and logged."""
         attempts_made = delivery.attempts + 1
         self._note_answer(delivery, result)
         self._stats.observe("notify", result.duration_s)
-        next_at = None
+        retry_in_s = None
         if result.ok:
             outcome = "delivered"
         elif result.gone:
@@ -225,15 +241,13 @@ class OutboxDispatcher:
             outcome = "failed"
         else:
             outcome = "retry"
-            next_at = dt.datetime.now(dt.UTC) + dt.timedelta(
-                seconds=next_attempt_delay(attempts_made, result))
+            retry_in_s = next_attempt_delay(attempts_made, result)
         self._stats.count("webhooks", outcome)
         if outcome != "delivered":
             log.warning("webhook %s for alert %s attempt %d: %s (%s)", delivery.webhook_id,
                         delivery.alert_id, attempts_made,
                         result.error or f"HTTP {result.status_code}", outcome)
-        self._finished.append(AttemptRecord(delivery, result, next_at))
-        self._to_record.set()
+        return AttemptRecord(delivery, result, retry_in_s)
 
     async def _record_finished(self) -> None:
         while True:

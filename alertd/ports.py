@@ -6,7 +6,6 @@ below is what callers may rely on and what an adapter must honour.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -57,8 +56,11 @@ class ResultStore(Protocol):
 
         Idempotent by alert id: returns False, writing nothing, when an outcome
         for that alert is already stored (so a duplicate gets no second
-        webhook). Returns only after the commit. Raises ``StoreUnavailable``
-        when nothing could be committed.
+        webhook). Returns True, writing nothing, when the stored outcome is
+        this one (same request, status, attempt and ``processed_at``): an earlier call
+        committed it and lost the reply with its connection, so this delivery
+        recorded it. Returns only after the commit. Raises ``StoreUnavailable``
+        when the commit did not happen or its reply was lost.
         """
         ...
 
@@ -95,11 +97,16 @@ class DeliveryResult:
 
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
-    """One finished delivery attempt, to be written to the outbox."""
+    """One finished delivery attempt, to be written to the outbox.
+
+    ``retry_in_s``: due again this many seconds after the outbox records it,
+    by the outbox's clock (the one its leases and due checks use), not the
+    dispatcher's host's, which may be set differently.
+    """
 
     delivery: PendingDelivery
     result: DeliveryResult
-    next_attempt_at: dt.datetime | None
+    retry_in_s: float | None
 
 
 class WebhookOutbox(Protocol):
@@ -118,8 +125,9 @@ class WebhookOutbox(Protocol):
         ...
 
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
-        """Record finished attempts. ``ok`` or ``gone`` or no ``next_attempt_at``
-        ends a row; otherwise it is due again then. All or none, except that a
+        """Record finished attempts. ``ok`` or ``gone`` or no ``retry_in_s``
+        ends a row; otherwise it is due again that long after now (the
+        outbox's now, as for leases). All or none, except that a
         batch holding the same row twice is written in several steps.
 
         Raises ``StoreUnavailable``; the leases then expire and the rows are

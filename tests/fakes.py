@@ -61,11 +61,14 @@ class FakeProber:
 
 @dataclass
 class InMemoryStore:
-    """Rows and outbox by alert id; ``outages`` calls fail with StoreUnavailable first."""
+    """Rows and outbox by alert id; ``outages`` calls fail with StoreUnavailable first;
+    the first ``lost_replies`` outcomes recorded commit, then fail the same way (a
+    reply lost with the connection after COMMIT)."""
 
     rows: dict[str, Outcome] = field(default_factory=dict)
     outbox: list[WebhookEvent] = field(default_factory=list)
     outages: int = 0
+    lost_replies: int = 0
     calls: int = 0
 
     def _maybe_unavailable(self) -> None:
@@ -81,20 +84,26 @@ class InMemoryStore:
 
     async def record_outcome(self, outcome: Outcome, event: WebhookEvent | None) -> bool:
         self._maybe_unavailable()
-        if outcome.alert.alert_id in self.rows:
-            return False
+        if (stored := self.rows.get(outcome.alert.alert_id)) is not None:
+            return ((stored.processed_at, stored.status, stored.attempts,
+                     stored.alert.fingerprint) == (outcome.processed_at, outcome.status,
+                                                   outcome.attempts, outcome.alert.fingerprint))
         self.rows[outcome.alert.alert_id] = outcome
         if event is not None:
             self.outbox.append(event)
+        if self.lost_replies > 0:
+            self.lost_replies -= 1
+            raise StoreUnavailable("fake lost reply")
         return True
 
 
 @dataclass
 class InMemoryOutbox:
-    """A WebhookOutbox: ``pending`` rows, ``attempts`` recorded, ``finished`` rows."""
+    """A WebhookOutbox: ``pending`` rows, ``attempts`` recorded (with their
+    ``retry_in_s``), ``finished`` rows; due times by this fake's clock."""
 
     pending: list[PendingDelivery] = field(default_factory=list)
-    attempts: list[tuple[PendingDelivery, DeliveryResult, dt.datetime | None]] = field(
+    attempts: list[tuple[PendingDelivery, DeliveryResult, float | None]] = field(
         default_factory=list)
     due_at: dict[int, dt.datetime] = field(default_factory=dict)
     finished: dict[int, str] = field(default_factory=dict)
@@ -120,23 +129,25 @@ class InMemoryOutbox:
     async def record_attempts(self, attempts: Sequence[AttemptRecord]) -> None:
         self.writes.append(len(attempts))
         for record in attempts:
-            self._record(record.delivery, record.result, record.next_attempt_at)
+            self._record(record.delivery, record.result, record.retry_in_s)
 
     def _record(
-        self, delivery: PendingDelivery, result: DeliveryResult,
-        next_attempt_at: dt.datetime | None,
+        self, delivery: PendingDelivery, result: DeliveryResult, retry_in_s: float | None,
     ) -> None:
-        self.attempts.append((delivery, result, next_attempt_at))
+        self.attempts.append((delivery, result, retry_in_s))
         index = self.pending.index(next(p for p in self.pending
                                          if p.delivery_id == delivery.delivery_id))
-        if result.ok or result.gone or next_attempt_at is None:
+        if delivery.delivery_id in self.finished and not result.ok:
+            return  # an ended row stays ended; only a delivery turns it delivered
+        if result.ok or result.gone or retry_in_s is None:
             self.finished[delivery.delivery_id] = (
                 "delivered" if result.ok else "gone" if result.gone else "failed")
             return
         self.pending[index] = PendingDelivery(
             delivery.delivery_id, delivery.webhook_id, delivery.alert_id, delivery.url,
             delivery.body, delivery.attempts + 1)
-        self.due_at[delivery.delivery_id] = next_attempt_at
+        self.due_at[delivery.delivery_id] = (
+            dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry_in_s))
 
 
 @dataclass

@@ -47,9 +47,26 @@ __all__ = [
 Pool: TypeAlias = AsyncConnectionPool[AsyncConnection[TupleRow]]
 
 # What "the database is not there right now" looks like from psycopg: refused
-# or lost connections, terminated backends, server restarts, pool timeouts.
+# or lost connections, terminated backends, server restarts, pool timeouts,
+# and a server that takes no writes (a failover left us on a standby, a
+# default_transaction_read_only database, a managed one made read-only on a
+# full disk): an InternalError in psycopg, but an outage to wait out, not a bug.
 # ProgrammingError, IntegrityError and DataError are bugs and stay loud.
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+# Server-side limits on every statement of the daemon's connections, so a
+# lock wait (a migration's ALTER TABLE queued behind a long reader queues
+# everyone behind it) or a hung backend ends in StoreUnavailable (psycopg's
+# QueryCanceled and LockNotAvailable are OperationalErrors) and the slot's
+# retry, instead of holding the slot and its unacked delivery for ever with
+# nothing to show for it. alertd's statements take milliseconds and lock a few
+# rows, in one order (waits between its own are as short): 10 s of lock wait
+# only comes from someone else's lock; 30 s of statement covers a slow disk or a
+# checkpoint with room to spare, and ends a record of attempts well before its
+# rows' lease (at least 30 s plus three webhook timeouts) would send them again.
+STATEMENT_TIMEOUT_S = 30.0
+LOCK_TIMEOUT_S = 10.0
+
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout,
+                psycopg.errors.ReadOnlySqlTransaction)
 
 
 async def open_pool(
@@ -83,7 +100,7 @@ async def open_pool(
             "keepalives_count": 3,
             "tcp_user_timeout": 25_000,
         },
-        configure=_use_orjson,
+        configure=_configure,
         check=lambda conn: _check_and_sweep(conn, pool),
         timeout=checkout_timeout,
         # psycopg_pool backs off by doubling with no ceiling until it gives up
@@ -138,9 +155,16 @@ def _looks_alive(conn: AsyncConnection[TupleRow]) -> bool:
         return False
 
 
-async def _use_orjson(conn: AsyncConnection[TupleRow]) -> None:
+async def _configure(conn: AsyncConnection[TupleRow]) -> None:
+    """Each new connection: orjson for JSON, and the timeouts set on the session.
+
+    On the session, not through the DSN's ``options``, which stays the operator's.
+    """
     set_json_dumps(orjson.dumps, conn)
     set_json_loads(orjson.loads, conn)
+    await conn.execute(
+        "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
+        (f"{round(STATEMENT_TIMEOUT_S * 1000)}ms", f"{round(LOCK_TIMEOUT_S * 1000)}ms"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +200,15 @@ class PostgresStore:
             # The pool sees the original error first, so it discards a broken
             # connection before we translate the error for the caller.
             async with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    # The pool would keep this connection: it is healthy, only
+                    # read-only, and stays so (a standby, or a session that
+                    # started read-only). Closed, it is replaced by a new one,
+                    # which may reach the new primary or a writable database.
+                    await conn.close()
+                    raise
         except _UNAVAILABLE as exc:
             self._sweep_idle_soon()
             raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
@@ -239,8 +271,15 @@ class PostgresStore:
         # outbox row exists exactly when the alert row was inserted by it.
         async with self._connection() as conn:
             cur = await conn.execute(sql, params)
-            # None: already stored by an earlier delivery of this alert; the
-            # first outcome wins and its webhook was already queued.
+            if await cur.fetchone() is not None:
+                return True
+            # Already stored: the first outcome wins and its webhook was queued.
+            # It may be this one, committed by an earlier call whose reply was
+            # lost with its connection (the service tried again): recorded by
+            # this delivery then, not a duplicate of another one. processed_at
+            # tells them apart (another delivery's processing ended at another
+            # microsecond), and the status and attempt number must match too.
+            cur = await conn.execute(_SAME_OUTCOME_STORED, params)
             return await cur.fetchone() is not None
 
     async def claim_due(
@@ -331,13 +370,13 @@ def _distinct_rows(attempts: Sequence[AttemptRecord]) -> list[list[AttemptRecord
 
 def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {
-        "ids": [], "statuses": [], "next_at": [], "errors": [], "codes": [],
+        "ids": [], "statuses": [], "retry_in_s": [], "errors": [], "codes": [],
         "durations": [], "fallbacks": []}
     for record in attempts:
-        status = _status_after(record.result, record.next_attempt_at)
+        status = _status_after(record.result, record.retry_in_s)
         columns["ids"].append(record.delivery.delivery_id)
         columns["statuses"].append(status)
-        columns["next_at"].append(record.next_attempt_at if status == "pending" else None)
+        columns["retry_in_s"].append(record.retry_in_s if status == "pending" else None)
         # PostgreSQL text cannot hold NUL; an error text is ours, but may quote a peer.
         error = record.result.error
         columns["errors"].append(error.replace("\x00", "") if error else error)
@@ -348,12 +387,12 @@ def _attempt_columns(attempts: Sequence[AttemptRecord]) -> dict[str, list[Any]]:
     return columns
 
 
-def _status_after(result: DeliveryResult, next_attempt_at: dt.datetime | None) -> str:
+def _status_after(result: DeliveryResult, retry_in_s: float | None) -> str:
     if result.ok:
         return "delivered"
     if result.gone:
         return "gone"
-    if result.permanent or next_attempt_at is None:
+    if result.permanent or retry_in_s is None:
         return "failed"
     return "pending"
 
@@ -389,6 +428,13 @@ _INSERT_ALERT_AND_OUTBOX: LiteralString = """
     RETURNING alert_id
 """
 
+_SAME_OUTCOME_STORED: LiteralString = """
+    SELECT 1 FROM alerts
+    WHERE alert_id = %(alert_id)s AND processed_at = %(processed_at)s
+      AND request_sha256 = %(request_sha256)s AND status = %(status)s
+      AND attempts = %(attempts)s
+"""
+
 # SKIP LOCKED lets dispatchers in several processes claim disjoint rows without
 # waiting on each other; a row another claimer just committed is re-checked by
 # PostgreSQL and dropped since its next_attempt_at is now in the future. The
@@ -421,9 +467,16 @@ _CLAIM_DUE_ONLY: LiteralString = (
     _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " = ANY(%(receivers)s)" + _CLAIM_DUE_TAIL)
 
 # Each attempt updates its row and is logged in webhook_attempts, in one
-# statement. A row no longer pending (its lease ran out and another
-# dispatcher ended it) keeps its final status; the attempt still happened,
-# so it is logged with the number this dispatcher gave it.
+# statement. The next attempt's time is the database's now() plus the delay,
+# like the leases and the due check: the app host's clock, set ahead, delayed
+# every retry by the difference, and set back, parked rows.
+# A row no longer pending (its lease ran out and another dispatcher ended it)
+# keeps its final status; the attempt still happened, so it is logged with the
+# number this dispatcher gave it. Except that a delivery ends a failed or gone
+# row as delivered (never the other way): when the dispatcher whose lease ran
+# out writes its final failure before the one that took the row over writes
+# its 2xx, the webhook was delivered, and `outbox retry --all` must not send it
+# again.
 # The rows are locked first, in id order, as every statement that locks
 # several outbox rows does: two batches sharing rows (a lease that ran out)
 # or a batch and `alertd outbox retry` then wait for each other instead of
@@ -431,21 +484,24 @@ _CLAIM_DUE_ONLY: LiteralString = (
 _RECORD_ATTEMPTS: LiteralString = """
     WITH attempt AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[],
-                             %(next_at)s::timestamptz[], %(errors)s::text[],
+                             %(retry_in_s)s::float8[], %(errors)s::text[],
                              %(codes)s::int[], %(durations)s::int[], %(fallbacks)s::int[])
-            AS a(id, status, next_attempt_at, error, status_code, duration_ms, fallback)
+            AS a(id, status, retry_in_s, error, status_code, duration_ms, fallback)
     ), locked AS (
         SELECT id FROM webhook_outbox WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE
     ), updated AS (
         UPDATE webhook_outbox AS o
         SET status = a.status,
             attempts = o.attempts + 1,
-            next_attempt_at = coalesce(a.next_attempt_at, o.next_attempt_at),
+            next_attempt_at = coalesce(now() + make_interval(secs => a.retry_in_s),
+                                       o.next_attempt_at),
             last_error = a.error,
             last_status_code = a.status_code,
             delivered_at = CASE WHEN a.status = 'delivered' THEN now() END
         FROM attempt AS a
-        WHERE o.id = a.id AND o.status = 'pending' AND o.id IN (SELECT id FROM locked)
+        WHERE o.id = a.id AND o.id IN (SELECT id FROM locked)
+          AND (o.status = 'pending'
+               OR (a.status = 'delivered' AND o.status IN ('failed', 'gone')))
         RETURNING o.id, o.attempts
     )
     INSERT INTO webhook_attempts (outbox_id, attempt, status_code, error, duration_ms)

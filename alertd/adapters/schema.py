@@ -90,6 +90,10 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 # so a migrate that dies mid-step releases it with its rolled-back transaction.
 _MIGRATION_LOCK = 0x616C65727464
 _CONNECT_TIMEOUT_S = 10
+# A step's ALTER TABLE waiting for its lock queues every other query on that
+# table behind it, so it gives up soon, before the daemon's own queries give up
+# on it (their lock_timeout, alertd.adapters.postgres.LOCK_TIMEOUT_S).
+MIGRATION_LOCK_TIMEOUT_S = 5.0
 
 
 def migrate(dsn: str) -> int:
@@ -97,7 +101,9 @@ def migrate(dsn: str) -> int:
 
     Safe to run twice and concurrently: each step takes an advisory lock and
     re-reads what is applied under it, so a second migrate waits, then skips.
-    Raises ``StoreUnavailable`` when the database cannot be reached.
+    Raises ``StoreUnavailable`` when the database cannot be reached, and a
+    one-line ``AlertdError`` when a step waited ``MIGRATION_LOCK_TIMEOUT_S``
+    for a table that a long query or transaction holds.
     """
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S) as conn:
@@ -113,6 +119,10 @@ def migrate(dsn: str) -> int:
             for step in MIGRATIONS:
                 with conn.transaction():
                     _lock(conn)
+                    # After the advisory lock: a concurrent migrate waits
+                    # for this one's steps however long they take.
+                    conn.execute("SELECT set_config('lock_timeout', %s, true)",
+                                 (f"{round(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms",))
                     done = conn.execute(
                         "SELECT 1 FROM schema_migrations WHERE version = %s", (step.version,)
                     ).fetchone()
@@ -122,6 +132,13 @@ def migrate(dsn: str) -> int:
                             "INSERT INTO schema_migrations (version) VALUES (%s)", (step.version,)
                         )
             return _read_version(conn)
+    except psycopg.errors.LockNotAvailable as exc:
+        # Not an outage (an OperationalError too): a long query or transaction
+        # holds a table the step changes; the step rolled back, nothing is half done.
+        raise AlertdError(
+            f"migration gave up after waiting {MIGRATION_LOCK_TIMEOUT_S:g} s for a table"
+            f" in use ({first_line(exc)}): run 'alertd db migrate' again once the long"
+            " queries or transactions on it have ended") from None
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(f"database unavailable: {first_line(exc)}") from None
     except psycopg.Error as exc:  # no privilege to create, a read-only standby...

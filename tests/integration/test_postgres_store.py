@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from alertd import outbox as outbox_module
+from alertd.adapters import postgres, schema
 from alertd.adapters.postgres import (
     SCHEMA_VERSION,
     Pool,
@@ -25,9 +29,11 @@ from alertd.adapters.postgres import (
 )
 from alertd.adapters.schema import MIGRATIONS
 from alertd.domain import Alert, Failure, Outcome, WebhookEvent, webhook_event, webhook_receiver
-from alertd.errors import ConfigError, ErrorCode, StoreUnavailable
+from alertd.errors import AlertdError, ConfigError, ErrorCode, StoreUnavailable
+from alertd.outbox import OutboxDispatcher
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
-from tests.fakes import VIDEO_METADATA
+from alertd.stats import ChildStats
+from tests.fakes import VIDEO_METADATA, RecordingSender
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -199,6 +205,19 @@ async def test_a_duplicate_alert_id_returns_false_and_leaves_one_row_and_one_web
                        (alert_id,)) == [(1,)]
 
 
+async def test_the_same_outcome_recorded_again_after_a_lost_commit_reply_is_true(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    """The service records it again when the COMMIT's reply was lost: that is this
+    delivery's commit, not another delivery's, which ended at another moment."""
+    outcome = make_outcome()
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    assert await store.record_outcome(outcome, event_for(outcome)) is True
+    other = dataclasses.replace(outcome, processed_at=PROCESSED + dt.timedelta(microseconds=1))
+    assert await store.record_outcome(other, event_for(other)) is False
+    assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
+
+
 async def test_an_outcome_without_a_webhook_event_queues_nothing(
     store: PostgresStore, fresh_db: str,
 ) -> None:
@@ -321,6 +340,12 @@ ATTEMPTS = """
     WHERE outbox_id = %s ORDER BY id"""
 
 
+# The attempt's time is the transaction's now(), as is the next attempt's base.
+NEXT_AFTER_ATTEMPT = """
+    SELECT o.next_attempt_at - a.attempted_at
+    FROM webhook_outbox AS o JOIN webhook_attempts AS a ON a.outbox_id = o.id"""
+
+
 async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
     store: PostgresStore, fresh_db: str,
 ) -> None:
@@ -336,9 +361,8 @@ async def test_a_2xx_attempt_marks_the_row_delivered_and_logs_the_attempt(
 async def test_a_410_attempt_ends_the_row_as_gone(store: PostgresStore, fresh_db: str) -> None:
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     result = DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True)
-    await store.record_attempts([AttemptRecord(delivery, result, later)])
+    await store.record_attempts([AttemptRecord(delivery, result, 300.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("gone", 1, "HTTP 410", 410, False)]
 
@@ -361,7 +385,7 @@ async def test_a_permanent_failure_ends_the_row_even_when_a_next_time_is_given(
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
     result = DeliveryResult(ok=False, error="forbidden_address", permanent=True)
-    await store.record_attempts([AttemptRecord(delivery, result, dt.datetime.now(dt.UTC))])
+    await store.record_attempts([AttemptRecord(delivery, result, 0.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("failed", 1, "forbidden_address", None, False)]
 
@@ -371,12 +395,11 @@ async def test_a_failed_attempt_with_a_next_time_stays_pending_until_then(
 ) -> None:
     await queue_webhooks(store, 1)
     delivery = await claim_one(store)
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     result = DeliveryResult(ok=False, status_code=500, error="HTTP 500")
-    await store.record_attempts([AttemptRecord(delivery, result, soon)])
+    await store.record_attempts([AttemptRecord(delivery, result, 1.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (delivery.delivery_id,)) == [
         ("pending", 1, "HTTP 500", 500, False)]
-    assert await fetch(fresh_db, "SELECT next_attempt_at FROM webhook_outbox") == [(soon,)]
+    assert await fetch(fresh_db, NEXT_AFTER_ATTEMPT) == [(dt.timedelta(seconds=1),)]
     assert await store.claim_due(10, lease_s=60) == []
     await asyncio.sleep(1.2)
     retried = await claim_one(store)
@@ -394,12 +417,36 @@ async def test_a_late_attempt_after_the_row_ended_is_logged_without_reopening_it
     stale = await claim_one(store)
     await store.record_attempts([
         AttemptRecord(stale, DeliveryResult(ok=True, status_code=200), None)])
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
     await store.record_attempts([
-        AttemptRecord(stale, DeliveryResult(ok=False, status_code=500), later)])
+        AttemptRecord(stale, DeliveryResult(ok=False, status_code=500), 60.0)])
     assert await fetch(fresh_db, OUTBOX_STATE, (stale.delivery_id,)) == [
         ("delivered", 1, None, 200, True)]
     assert len(await fetch(fresh_db, ATTEMPTS, (stale.delivery_id,))) == 2
+
+
+@pytest.mark.parametrize("late_end", [
+    DeliveryResult(ok=False, status_code=500, error="HTTP 500"),
+    DeliveryResult(ok=False, status_code=410, error="HTTP 410", gone=True),
+], ids=["failed", "gone"])
+async def test_a_delivery_recorded_after_a_late_final_failure_ends_the_row_delivered(
+    store: PostgresStore, fresh_db: str, late_end: DeliveryResult,
+) -> None:
+    """Dispatcher A's lease runs out mid-delivery and B takes the row over; A's
+    final failure is written first, B's 200 second. The webhook was delivered:
+    listed as failed, `outbox retry --all` would have sent it again."""
+    await queue_webhooks(store, 1)
+    first = (await store.claim_due(10, lease_s=0))[0]  # A's lease, already run out
+    second = await claim_one(store)  # B
+    assert second.delivery_id == first.delivery_id
+    await store.record_attempts([AttemptRecord(first, late_end, None)])
+    await store.record_attempts([
+        AttemptRecord(second, DeliveryResult(ok=True, status_code=200), None)])
+    assert await fetch(fresh_db, OUTBOX_STATE, (first.delivery_id,)) == [
+        ("delivered", 2, None, 200, True)]
+    assert [r[:2] for r in await fetch(fresh_db, ATTEMPTS, (first.delivery_id,))] == [
+        (1, late_end.status_code), (2, 200)]
+    assert await store.list_undelivered() == []
+    assert await store.retry_all_now() == 0
 
 
 async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
@@ -409,7 +456,7 @@ async def test_a_batch_of_attempts_is_recorded_in_one_call_each_row_as_if_alone(
     ok, retry, gone, late = await store.claim_due(10, lease_s=60)
     await store.record_attempts([
         AttemptRecord(late, DeliveryResult(ok=True, status_code=200), None)])
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)
+    soon = 60.0
     await store.record_attempts([
         AttemptRecord(ok, DeliveryResult(ok=True, status_code=204, duration_s=0.01), None),
         AttemptRecord(retry, DeliveryResult(ok=False, status_code=500, error="HTTP 500"), soon),
@@ -746,3 +793,172 @@ async def test_a_backend_terminated_mid_transaction_raises_store_unavailable_and
     assert await store.recorded_fingerprint(outcome.alert.alert_id) is None
     assert await store.record_outcome(outcome, event_for(outcome)) is True
     assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
+
+
+async def set_read_only(dsn: str, on: bool) -> None:
+    """Make the database refuse writes on its new connections (as a standby, or a
+    managed database whose disk is full, does), or take them again."""
+    name = sql.Identifier(conninfo_to_dict(dsn)["dbname"])
+    setting = sql.SQL("on" if on else "off")
+    writable = make_conninfo(dsn, options="-c default_transaction_read_only=off")
+    await fetch(writable, sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = {}")
+                .format(name, setting))
+
+
+async def test_a_read_only_database_is_unavailable_until_it_takes_writes_again(
+    fresh_db: str,
+) -> None:
+    await set_read_only(fresh_db, True)
+    pool = await open_pool(fresh_db, 2, application_name=APP)
+    try:
+        await pool.wait(timeout=10)
+        store = PostgresStore(pool)
+        outcome = make_outcome()
+        with pytest.raises(StoreUnavailable, match="read-only transaction"):
+            await store.record_outcome(outcome, event_for(outcome))
+        with pytest.raises(StoreUnavailable, match="read-only transaction"):
+            await store.claim_due(10, lease_s=60)
+        assert await store.recorded_fingerprint(outcome.alert.alert_id) is None  # reads work
+        await set_read_only(fresh_db, False)
+        # A connection that refused a write is replaced rather than kept, so
+        # each read-only one fails once at most and then the same store writes.
+        refused = 0
+        while True:
+            try:
+                assert await store.record_outcome(outcome, event_for(outcome)) is True
+                break
+            except StoreUnavailable:
+                refused += 1
+                assert refused <= 2, "read-only connections were kept"
+        assert await fetch(fresh_db, "SELECT count(*) FROM webhook_outbox") == [(1,)]
+    finally:
+        await pool.close()
+
+
+async def test_the_outbox_dispatcher_waits_out_a_read_only_database(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    await queue_webhooks(store, 1)
+    await set_read_only(fresh_db, True)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    sender = RecordingSender()
+    dispatcher = OutboxDispatcher(PostgresStore(pool), sender, ChildStats(), max_attempts=5,
+                                  lease_s=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.sleep(1.5)  # claims refused: before, the claimer died of the first
+        assert not task.done() and sender.sent == []
+        await set_read_only(fresh_db, False)
+        delivered: list[tuple[Any, ...]] = []
+        for _ in range(100):
+            dispatcher.wake()
+            delivered = await fetch(fresh_db, "SELECT status FROM webhook_outbox")
+            if delivered == [("delivered",)]:
+                break
+            await asyncio.sleep(0.1)
+        assert delivered == [("delivered",)]
+        assert len(sender.sent) == 1
+        dispatcher.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pool.close()
+
+
+async def test_a_statement_waiting_for_a_lock_ends_in_store_unavailable_within_the_lock_timeout(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ALTER TABLE queued behind a long reader (here: a held lock) no longer holds
+    the slot and its delivery for ever; the slot's store retry takes over."""
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT_S", 0.5)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    try:
+        await pool.wait(timeout=10)
+        store = PostgresStore(pool)
+        outcome = make_outcome()
+        async with await psycopg.AsyncConnection.connect(fresh_db) as holder:
+            await holder.execute("LOCK TABLE alerts IN ACCESS EXCLUSIVE MODE")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await asyncio.wait_for(store.record_outcome(outcome, event_for(outcome)), 5)
+            assert asyncio.get_running_loop().time() - started < 2
+            await holder.rollback()
+        assert await store.record_outcome(outcome, event_for(outcome)) is True
+    finally:
+        await pool.close()
+
+
+async def test_a_hung_statement_ends_in_store_unavailable_within_the_statement_timeout(
+    fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_S", 0.5)
+    pool = await open_pool(fresh_db, 1, application_name=APP)
+    try:
+        store = PostgresStore(pool)
+
+        async def hung_backend() -> None:
+            async with store._connection() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            await asyncio.wait_for(hung_backend(), 5)
+        assert await store.recorded_fingerprint("x") is None  # the connection works on
+    finally:
+        await pool.close()
+
+
+def test_a_migration_step_waiting_for_a_table_in_use_fails_in_one_line_instead_of_hanging(
+    unmigrated_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A queued ALTER TABLE would block every query on the table behind it."""
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:1])
+    assert migrate(unmigrated_db) == 1
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+    monkeypatch.setattr(schema, "MIGRATION_LOCK_TIMEOUT_S", 0.5)
+    with psycopg.connect(unmigrated_db) as reader, ThreadPoolExecutor(max_workers=1) as pool:
+        reader.execute("SELECT count(*) FROM alerts")  # a long reader: its transaction is open
+        attempt = pool.submit(migrate, unmigrated_db)
+        try:
+            with pytest.raises(AlertdError) as info:
+                attempt.result(timeout=5)
+        finally:
+            reader.rollback()  # let a migrate that hangs (the bug) end
+    message = str(info.value)
+    assert "\n" not in message and "alertd db migrate" in message, message
+    assert schema_version(unmigrated_db) == 1
+    assert migrate(unmigrated_db) == SCHEMA_VERSION
+
+
+class DayAhead(dt.datetime):
+    """The app host's clock, set a day ahead of the database's."""
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> DayAhead:
+        ahead = dt.datetime.now(tz) + dt.timedelta(days=1)
+        return cls.fromtimestamp(ahead.timestamp(), tz)
+
+
+async def test_a_retry_is_due_after_its_delay_by_the_database_clock_whatever_the_app_clock(
+    store: PostgresStore, fresh_db: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Leases and due checks use the database's now(); a retry time taken from the
+    app host's clock was off by the skew (a day late here; set back, rows parked)."""
+    monkeypatch.setattr(outbox_module, "dt", types.SimpleNamespace(
+        datetime=DayAhead, timedelta=dt.timedelta, UTC=dt.UTC), raising=False)
+    await queue_webhooks(store, 1)
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500, error="HTTP 500")])
+    dispatcher = OutboxDispatcher(store, sender, ChildStats(), max_attempts=5, lease_s=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        for _ in range(100):
+            if await fetch(fresh_db, "SELECT count(*) FROM webhook_attempts") == [(1,)]:
+                break
+            await asyncio.sleep(0.05)
+        dispatcher.stop()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    [(delay,)] = await fetch(fresh_db, NEXT_AFTER_ATTEMPT)
+    # The first retry's backoff: BACKOFF_FIRST_S, jittered down to half.
+    assert dt.timedelta(seconds=0.5) <= delay <= dt.timedelta(seconds=1), delay

@@ -61,6 +61,15 @@ async def test_a_duplicate_is_acked_without_waking_the_outbox() -> None:
     assert stats.counters[("redelivered",)] == 1
 
 
+async def test_a_commit_whose_reply_was_lost_counts_as_an_alert_and_wakes_the_outbox() -> None:
+    store, committed = InMemoryStore(lost_replies=1), []
+    handle, stats = handler(store=store, committed=committed)
+    assert await handle(InboundMessage(BODY, {}, False), stats.open_slot()) == Ack()
+    assert committed == [1]
+    assert stats.counters[("alerts", "done", "")] == 1
+    assert ("duplicates",) not in stats.counters
+
+
 async def test_a_transient_failure_asks_for_the_next_attempt_after_a_doubling_delay() -> None:
     fetcher = FakeFetcher({URL: TransientError(ErrorCode.DOWNLOAD_TIMEOUT, "slow")})
     handle, stats = handler(fetcher=fetcher)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from collections.abc import Callable, Collection, Sequence
 
@@ -54,11 +53,10 @@ async def test_a_pending_webhook_is_delivered_and_its_row_finished() -> None:
 async def test_a_failed_attempt_is_scheduled_again_with_backoff_not_dropped() -> None:
     outbox = InMemoryOutbox([delivery()])
     sender = RecordingSender([DeliveryResult(ok=False, status_code=500)])
-    before = dt.datetime.now(dt.UTC)
     await run_until(dispatcher_for(outbox, sender))
-    [(_, result, next_at)] = outbox.attempts
+    [(_, result, retry_in_s)] = outbox.attempts
     assert result.status_code == 500
-    assert next_at is not None and next_at > before
+    assert retry_in_s is not None and retry_in_s > 0
     assert 1 not in outbox.finished
 
 
@@ -320,9 +318,44 @@ class RaisingSender:
 async def test_a_sender_bug_is_recorded_as_a_failed_attempt_so_the_row_backs_off() -> None:
     outbox = InMemoryOutbox([delivery(1)])
     await run_until(dispatcher_for(outbox, RaisingSender()))  # type: ignore[arg-type]
-    [(_, result, next_at)] = outbox.attempts
+    [(_, result, retry_in_s)] = outbox.attempts
     assert not result.ok and result.error == "internal_error: KeyError"
-    assert next_at is not None  # retried later, with backoff, up to max attempts
+    assert retry_in_s is not None  # retried later, with backoff, up to max attempts
+
+
+def test_backoff_stays_capped_however_many_attempts_were_made() -> None:
+    failed = DeliveryResult(ok=False, status_code=500)
+    for attempts in (1024, 1025, 10**6):
+        assert BACKOFF_MAX_S / 2 <= next_attempt_delay(attempts, failed) <= BACKOFF_MAX_S
+
+
+async def test_a_row_past_a_thousand_attempts_is_scheduled_again_not_resent_every_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(outbox_module, "POLL_INTERVAL_S", 0.02)  # several leases in the run
+    outbox = InMemoryOutbox([delivery(1, attempts=1024)])
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500)] * 10)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=10**6,
+                                  lease_s=0.05)
+    await run_until(dispatcher)
+    assert len(sender.sent) == 1
+    [(_, _, retry_in_s)] = outbox.attempts
+    assert retry_in_s is not None and retry_in_s >= BACKOFF_MAX_S / 2
+
+
+async def test_a_bug_after_the_post_still_records_the_attempt_and_ends_the_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(attempts_made: int, result: DeliveryResult) -> float:
+        raise ArithmeticError("a bug in the backoff")
+    monkeypatch.setattr(outbox_module, "next_attempt_delay", broken)
+    monkeypatch.setattr(outbox_module, "POLL_INTERVAL_S", 0.02)
+    outbox = InMemoryOutbox([delivery(1)])
+    sender = RecordingSender([DeliveryResult(ok=False, status_code=500)] * 10)
+    dispatcher = OutboxDispatcher(outbox, sender, ChildStats(), max_attempts=5, lease_s=0.05)
+    await run_until(dispatcher)
+    assert len(sender.sent) == 1  # not once a lease
+    assert outbox.finished == {1: "failed"}  # `alertd outbox list` shows it
 
 
 async def test_cancelled_the_dispatcher_leaves_no_delivery_running() -> None:

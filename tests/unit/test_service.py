@@ -31,13 +31,14 @@ def first_attempt(max_attempts: int = 3, number: int = 1) -> Attempt:
 async def run(alert: Alert = ALERT, *, fetcher: FakeFetcher | None = None,
               prober: FakeProber | None = None, store: InMemoryStore | None = None,
               attempt: Attempt | None = None, stages: list[Stage] | None = None,
-              default_webhook_url: str | None = None):  # type: ignore[no-untyped-def]
+              default_webhook_url: str | None = None,
+              processed_at: dt.datetime = T0):  # type: ignore[no-untyped-def]
     return await process_alert(
         alert, attempt=attempt or first_attempt(), fetcher=fetcher or FakeFetcher(),
         prober=prober or FakeProber(), store=store if store is not None else InMemoryStore(),
         default_webhook_url=default_webhook_url,
         on_stage=(stages.append if stages is not None else lambda s: None),
-        clock=lambda: T0, sleep=no_sleep,
+        clock=lambda: processed_at, sleep=no_sleep,
     )
 
 
@@ -152,14 +153,16 @@ async def test_a_reused_alert_id_with_a_different_request_is_a_conflict_not_a_du
 
 @dataclass
 class RacedFetcher(FakeFetcher):
-    """While this delivery downloads, another delivery of ``racer`` commits first."""
+    """While this delivery downloads, another delivery of ``racer`` commits first
+    (its processing ended at another moment)."""
 
     racer: Alert = ALERT
     store: InMemoryStore = field(default_factory=InMemoryStore)
 
     @asynccontextmanager
     async def fetch_video(self, url: str) -> AsyncIterator[DownloadedVideo]:
-        assert isinstance(await run(self.racer, store=self.store), Recorded)
+        racer = await run(self.racer, store=self.store, processed_at=T0 - dt.timedelta(seconds=1))
+        assert isinstance(racer, Recorded)
         async with super().fetch_video(url) as video:
             yield video
 
@@ -178,6 +181,16 @@ async def test_a_reused_id_that_loses_the_race_to_commit_is_a_conflict_not_a_dup
     decision = await run(reused, store=store, fetcher=RacedFetcher(store=store))
     assert isinstance(decision, ConflictingDuplicate)
     assert store.rows["a-1"].alert == ALERT and len(store.outbox) == 1
+
+
+async def test_a_commit_whose_reply_was_lost_is_recorded_not_counted_as_a_duplicate() -> None:
+    """The connection drops after COMMIT: the store call fails, is tried again and
+    finds the outcome it committed itself. The handler then counts a processed alert
+    and wakes the dispatcher, as for any commit."""
+    store = InMemoryStore(lost_replies=1)
+    decision = await run(store=store)
+    assert isinstance(decision, Recorded)
+    assert len(store.rows) == 1 and len(store.outbox) == 1
 
 
 def test_the_fingerprint_ignores_the_id_and_key_order_but_not_the_request() -> None:
