@@ -81,7 +81,10 @@ class HttpVideoFetcher:
         remove_orphaned_dirs(parent)
         self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=parent)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self._guard)),
+            # limit=0: the slots already bound how many downloads run at once.
+            # aiohttp's default of 100 connections made slots past it wait for
+            # one inside their download deadline (--concurrency goes far higher).
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0),
             # No proxies or .netrc from the environment, no cookies carried from
             # one alert's URL to the next, and the bytes exactly as served.
             trust_env=False,

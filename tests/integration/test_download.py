@@ -199,6 +199,20 @@ async def test_a_drip_past_the_total_timeout_is_a_download_timeout(
     assert time.monotonic() - started < 2.0
 
 
+async def test_more_downloads_at_once_than_aiohttps_default_pool_all_finish_in_time(
+    tmp_path: Path, clip_server: ClipServer,
+) -> None:
+    # aiohttp's connector allows 100 connections unless told otherwise: the
+    # 20 downloads past them would wait for one inside their deadline.
+    async def fetch_one() -> int:
+        async with fetcher.fetch_video(clip_server.url("/slow-headers?s=0.7")) as video:
+            return video.size_bytes
+
+    async with make_fetcher(tmp_path, total_timeout=1.2) as fetcher:
+        sizes = await asyncio.gather(*(fetch_one() for _ in range(120)))
+    assert sizes == [len(b"late")] * 120
+
+
 @pytest.mark.parametrize("path", ["/slow-headers?s=5", "/drip?bytes=10&interval=5"])
 async def test_a_silent_server_hits_the_read_timeout(
     tmp_path: Path, clip_server: ClipServer, path: str,
