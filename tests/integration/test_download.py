@@ -9,6 +9,7 @@ import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from alertd.adapters.download import HttpVideoFetcher
 from alertd.errors import ErrorCode, PermanentError, ProcessingError, TransientError
 from alertd.netguard import AddressGuard
 from tests.e2e.harness import eventually
+from tests.fakes import FakeDns
 from tests.ports import free_port
 from tests.servers import ClipServer, payload, sha256_of
 
@@ -56,6 +58,23 @@ async def other_loopback() -> AsyncIterator[ClipServer]:
     """A server on 127.0.0.2, outside the allow list: it must never see a request."""
     async with ClipServer(host="127.0.0.2") as server:
         yield server
+
+
+@asynccontextmanager
+async def connections_to(host: str, port: int) -> AsyncIterator[list[object]]:
+    """Listen on ``host``:``port`` and record every connection accepted (none is answered)."""
+    accepted: list[object] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await asyncio.start_server(accept, host, port)
+    try:
+        yield accepted
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def leftovers(fetcher: HttpVideoFetcher) -> list[str]:
@@ -282,6 +301,34 @@ async def test_a_name_resolving_to_an_allowed_address_is_downloaded(
     url = clip_server.url("/bytes/10").replace("127.0.0.1", "localhost")
     async with fetcher.fetch_video(url) as video:
         assert video.size_bytes == 10
+
+
+@pytest.mark.parametrize("refused", ["127.0.0.2", "::1"])
+async def test_a_name_with_refused_answers_is_downloaded_from_its_allowed_address_only(
+    tmp_path: Path, clip_server: ClipServer, monkeypatch: pytest.MonkeyPatch, refused: str,
+) -> None:
+    # The README's --allow-network 127.0.0.1/32 on a stock Debian host, where
+    # localhost is ::1 and 127.0.0.1. The refused answer comes first and has a
+    # listener on the clip server's port: a connection to it would be recorded.
+    guard = AddressGuard((ip_network("127.0.0.1/32"),))
+    dns = FakeDns({"clips.test": [refused, "127.0.0.1"]})
+    base = f"http://clips.test:{clip_server.port}"
+    async with connections_to(refused, clip_server.port) as refused_connections, \
+            make_fetcher(tmp_path, guard=guard) as fetcher:
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+
+        async def fetch_size(path: str) -> int:
+            async with fetcher.fetch_video(base + path) as video:
+                return video.size_bytes
+
+        assert await fetch_size("/bytes/10") == 10
+        # At once, so new connections are opened from aiohttp's DNS cache; each
+        # follows two redirects, each hop connecting again through the connector.
+        sizes = await asyncio.gather(*(fetch_size("/redirect/2?size=10") for _ in range(4)))
+    assert sizes == [10] * 4
+    assert dns.lookups == ["clips.test"]  # the rest came from the cache
+    assert refused_connections == []
+    assert len(clip_server.requests) == 1 + 4 * 3
 
 
 async def test_a_redirect_to_another_scheme_is_refused(

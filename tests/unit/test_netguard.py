@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
-from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +19,7 @@ from alertd.netguard import (
     literal_address,
     safe_url,
 )
+from tests.fakes import FakeDns
 
 OPEN = AddressGuard()
 LOOPBACK_ONE = AddressGuard((ip_network("127.0.0.1/32"), ip_network("::1/128")))
@@ -177,23 +177,39 @@ async def test_a_name_is_refused_naming_the_host_and_the_address() -> None:
     assert "loopback" in info.value.message
 
 
-def fake_getaddrinfo(answers: dict[str, list[str]]) -> Any:
-    """A stand-in for loop.getaddrinfo: no lookup leaves the process."""
-    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
-        if host not in answers:
-            raise AssertionError(f"unexpected lookup of {host}")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
-    return getaddrinfo
+@pytest.mark.parametrize("refused", ["127.0.0.2", "::1"])
+async def test_a_mixed_answer_keeps_only_the_allowed_addresses_for_the_connection(
+    monkeypatch: pytest.MonkeyPatch, refused: str,
+) -> None:
+    # localhost on a stock Debian host (::1 and 127.0.0.1) with the README's 127.0.0.1/32.
+    guard = AddressGuard((ip_network("127.0.0.1/32"),))
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"mixed.test": [refused, "127.0.0.1"]}))
+    await check_url("http://mixed.test/", guard)
+    results = await GuardedResolver(guard).resolve("mixed.test", 8080, socket.AF_UNSPEC)
+    assert [r["host"] for r in results] == ["127.0.0.1"]
 
 
-async def test_a_mixed_answer_is_refused_when_any_address_is_forbidden(
+async def test_an_answer_with_every_address_refused_is_refused_naming_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo({"mixed.test": [
-        "127.0.0.1", "127.0.0.2"]}))
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"private.test": ["127.0.0.2", "10.0.0.1"]}))
+    for attempt in (check_url("http://private.test/", LOOPBACK_ONE),
+                    GuardedResolver(LOOPBACK_ONE).resolve("private.test", 80, socket.AF_UNSPEC)):
+        with pytest.raises(PermanentError) as info:
+            await attempt
+        assert info.value.code is ErrorCode.FORBIDDEN_ADDRESS
+        assert info.value.message.startswith("private.test (127.0.0.2) is loopback")
+
+
+async def test_a_numeric_spelling_is_refused_if_any_answer_is_since_nothing_pins_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"2130706433": ["127.0.0.1", "127.0.0.2"]}))
     with pytest.raises(PermanentError) as info:
-        await check_url("http://mixed.test/", LOOPBACK_ONE)
+        await check_url("http://2130706433/", LOOPBACK_ONE, resolve_names=False)
     assert "127.0.0.2" in info.value.message
 
 
@@ -201,7 +217,7 @@ async def test_names_are_left_to_the_resolver_but_numeric_spellings_are_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo({"2130706434": ["127.0.0.2"]}))
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"2130706434": ["127.0.0.2"]}))
     await check_url("http://clips.test/", LOOPBACK_ONE, resolve_names=False)
     with pytest.raises(PermanentError):
         await check_url("http://2130706434/", LOOPBACK_ONE, resolve_names=False)
