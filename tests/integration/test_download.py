@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
@@ -72,6 +73,24 @@ async def connections_to(host: str, port: int) -> AsyncIterator[list[object]]:
     server = await asyncio.start_server(accept, host, port)
     try:
         yield accepted
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def answering_raw(response: bytes) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 answering any request with ``response`` as is; yields a URL."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/clip.mp4"
     finally:
         server.close()
         await server.wait_closed()
@@ -204,6 +223,56 @@ async def test_a_body_cut_short_is_transient(
     error = await download_error(fetcher, clip_server.url(path))
     assert isinstance(error, TransientError)
     assert error.code is ErrorCode.DOWNLOAD_FAILED
+
+
+MALFORMED_RESPONSES = {
+    "garbage status line": (b"HELLO WORLD\r\n\r\n", "Bad status line"),
+    "non-numeric status": (b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok", "Bad status line"),
+    "too many headers": (
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200))
+        + b"Content-Length: 2\r\n\r\nok",
+        "Too many headers",
+    ),
+    "a header too big": (
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        "Got more than 8190 bytes",
+    ),
+    "Content-Length with Transfer-Encoding": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        "Transfer-Encoding can't be present with Content-Length",
+    ),
+    "a bad chunk size": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+        "Invalid character in chunk size",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_RESPONSES))
+async def test_a_malformed_response_is_transient_and_named_so_not_as_an_http_400(
+    fetcher: HttpVideoFetcher, name: str,
+) -> None:
+    response, detail = MALFORMED_RESPONSES[name]
+    async with answering_raw(response) as url:
+        error = await download_error(fetcher, url)
+    assert isinstance(error, TransientError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith(f"{url}: malformed HTTP response: {detail}")
+    assert "\n" not in error.message and len(error.message) < len(url) + 250
+
+
+async def test_partial_content_is_refused_as_a_permanent_failure(
+    fetcher: HttpVideoFetcher,
+) -> None:
+    # Part of a clip, though no Range was asked for.
+    response = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/10\r\n" \
+        b"Content-Length: 2\r\n\r\nok"
+    async with answering_raw(response) as url:
+        error = await download_error(fetcher, url)
+    assert isinstance(error, PermanentError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith(f"HTTP 206 from {url}: Partial Content")
 
 
 async def test_a_drip_past_the_total_timeout_is_a_download_timeout(
