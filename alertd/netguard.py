@@ -165,9 +165,9 @@ async def check_url(url: str | URL, guard: AddressGuard, *, resolve_names: bool 
     A literal IP is checked as is. A name is resolved and refused when no
     answer is allowed, as :class:`GuardedResolver` does at connect time; with
     ``resolve_names=False`` names are left to it. Numeric spellings are
-    resolved here whatever ``resolve_names`` says, and refused if ANY answer
-    is: aiohttp skips the resolver for them, so nothing pins the connection
-    to the answers we allowed.
+    checked here whatever ``resolve_names`` says, since aiohttp skips the
+    resolver for them; one that is not a number raises ``ValueError``, which
+    callers report as an invalid URL.
     """
     target = url if isinstance(url, URL) else URL(url)
     host = hop_host(target)
@@ -175,10 +175,22 @@ async def check_url(url: str | URL, guard: AddressGuard, *, resolve_names: bool 
     if ip is not None:
         guard.check(host, ip)
     elif looks_numeric(host):
-        for _, _, answer in await _lookup(host, target.port or 0, socket.AF_UNSPEC):
-            guard.check(host, answer)
+        await _check_numeric(guard, host, target.port or 0)
     elif resolve_names:
         await resolve_checked(guard, host, target.port or 0)
+
+
+async def _check_numeric(guard: AddressGuard, host: str, port: int) -> None:
+    # AI_NUMERICHOST: glibc does not take every numeric-looking spelling for a
+    # number ("127.0.0.2." with a trailing dot); without the flag it would send
+    # those to DNS, a query leaving the machine for a host that is no name.
+    try:
+        answers = await _lookup(host, port, socket.AF_UNSPEC, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise ValueError(f"host {host!r} looks like an IP address but is not one") from None
+    # Refused if ANY answer is: nothing pins aiohttp's connection to the ones we allowed.
+    for _, _, ip in answers:
+        guard.check(host, ip)
 
 
 async def resolve_checked(
@@ -201,10 +213,10 @@ async def resolve_checked(
 
 
 async def _lookup(
-    host: str, port: int, family: int,
+    host: str, port: int, family: int, flags: int = 0,
 ) -> list[tuple[socket.AddressFamily, int, IPAddress]]:
     infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, family=family, type=socket.SOCK_STREAM,
+        host, port, family=family, type=socket.SOCK_STREAM, flags=flags,
     )
     return [(fam, proto, _sockaddr_ip(sockaddr)) for fam, _, proto, _, sockaddr in infos]
 

@@ -164,17 +164,23 @@ class FakeDns:
     """Stands in for ``loop.getaddrinfo``: answers from ``answers``; any other lookup fails.
 
     Install with ``monkeypatch.setattr(loop, "getaddrinfo", dns)``: no name is
-    resolved for real, so no query can leave the machine.
+    resolved for real, so no query can leave the machine. A numeric-only
+    lookup (``AI_NUMERICHOST``) of another host fails as glibc's does.
     """
 
     answers: dict[str, list[str]]
     lookups: list[str] = field(default_factory=list)
+    numeric_lookups: list[str] = field(default_factory=list)
 
     async def __call__(
-        self, host: str, port: int, *, family: int = socket.AF_UNSPEC, **_: Any,
+        self, host: str, port: int, *, family: int = socket.AF_UNSPEC, flags: int = 0,
+        **_: Any,
     ) -> list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]]:
-        self.lookups.append(host)
+        numeric = bool(flags & socket.AI_NUMERICHOST)
+        (self.numeric_lookups if numeric else self.lookups).append(host)
         if host not in self.answers:
+            if numeric:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
             raise AssertionError(f"unexpected lookup of {host!r}")
         infos: list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]] = []
         for address in self.answers[host]:

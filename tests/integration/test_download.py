@@ -353,6 +353,24 @@ async def test_a_forbidden_literal_or_numeric_host_is_refused_without_contact(
     assert other_loopback.requests == []
 
 
+@pytest.mark.parametrize("via_redirect", [False, True])
+async def test_a_numeric_host_with_a_trailing_dot_is_a_permanent_invalid_url_without_dns(
+    fetcher: HttpVideoFetcher, clip_server: ClipServer, other_loopback: ClipServer,
+    monkeypatch: pytest.MonkeyPatch, via_redirect: bool,
+) -> None:
+    target = f"http://127.0.0.2.:{other_loopback.port}/bytes/10"
+    url = clip_server.url(f"/redirect-to?url={target}") if via_redirect else target
+    dns = FakeDns({})  # a lookup other than a numeric-only one fails the test
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+    error = await download_error(fetcher, url)
+    assert isinstance(error, PermanentError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith("invalid URL ")
+    assert "'127.0.0.2.' looks like an IP address but is not one" in error.message
+    assert dns.lookups == []
+    assert other_loopback.requests == []
+
+
 async def test_a_name_resolving_to_a_forbidden_address_is_refused_without_contact(
     tmp_path: Path, clip_server: ClipServer,
 ) -> None:

@@ -217,10 +217,26 @@ async def test_names_are_left_to_the_resolver_but_numeric_spellings_are_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"2130706434": ["127.0.0.2"]}))
+    dns = FakeDns({"2130706434": ["127.0.0.2"]})
+    monkeypatch.setattr(loop, "getaddrinfo", dns)
     await check_url("http://clips.test/", LOOPBACK_ONE, resolve_names=False)
     with pytest.raises(PermanentError):
         await check_url("http://2130706434/", LOOPBACK_ONE, resolve_names=False)
+    assert dns.numeric_lookups == ["2130706434"] and dns.lookups == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2.", "127.0.0.1.", "2130706434.", "1.2.3.4.5"])
+async def test_a_numeric_looking_host_that_is_no_number_is_an_invalid_url_never_sent_to_dns(
+    monkeypatch: pytest.MonkeyPatch, host: str,
+) -> None:
+    # glibc would send "127.0.0.2." to a DNS server: a query leaving the machine.
+    dns = FakeDns({})  # any lookup but a numeric-only one fails the test
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+    for resolve_names in (True, False):
+        with pytest.raises(ValueError, match="looks like an IP address but is not one"):
+            await check_url(f"http://{host}:8080/clip.mp4", LOOPBACK_ONE,
+                            resolve_names=resolve_names)
+    assert dns.lookups == []
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "http:///nohost"])
