@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from pathlib import Path
 
+import aiohttp.helpers
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,9 +20,15 @@ from alertd.netguard import (
     check_url,
     describe_error,
     literal_address,
+    looks_numeric,
     safe_url,
 )
 from tests.fakes import FakeDns
+
+SETUP_CFG = Path(__file__).resolve().parents[2] / "setup.cfg"
+# The first aiohttp seen to refuse non-canonical IPv4 hosts (2130706433, 127.1)
+# and to cap the header count, with the is_ip_address that looks_numeric mirrors.
+AIOHTTP_TESTED = (3, 14)
 
 OPEN = AddressGuard()
 LOOPBACK_ONE = AddressGuard((ip_network("127.0.0.1/32"), ip_network("::1/128")))
@@ -261,3 +270,11 @@ def test_safe_url_and_error_text_drop_query_and_credentials() -> None:
         "https://cdn.test:8443/a/b.mp4")
     text = describe_error(ValueError("bad https://cdn.test/x?token=SECRET here"))
     assert "SECRET" not in text and "https://cdn.test/x" in text
+
+
+def test_setup_cfg_requires_the_aiohttp_release_whose_host_handling_the_guard_mirrors() -> None:
+    floor = re.search(r"^\s*aiohttp>=(\d+)\.(\d+)", SETUP_CFG.read_text(), re.MULTILINE)
+    assert floor is not None
+    assert (int(floor[1]), int(floor[2])) >= AIOHTTP_TESTED
+    for host in ("127.0.0.1", "127.0.0.2.", "2130706433", "0x7f000001", "::1", "clips.test"):
+        assert looks_numeric(host) == aiohttp.helpers.is_ip_address(host), host
