@@ -5,7 +5,8 @@ attacker-controlled. The policy is applied to the addresses a name RESOLVES
 to, never to the spelling of the host: glibc maps ``2130706433``, ``0x7f.1``
 or ``127.1`` onto 127.0.0.1, and only the resolved address tells the truth.
 The aiohttp connector uses :class:`GuardedResolver`, so it connects only to
-the addresses that were vetted (no second lookup, no DNS-rebinding gap).
+the addresses that were vetted (no second lookup, no DNS-rebinding gap); a
+refused answer is dropped and the host refused only when none is left.
 """
 
 from __future__ import annotations
@@ -161,39 +162,63 @@ def hop_host(url: URL) -> str:
 async def check_url(url: str | URL, guard: AddressGuard, *, resolve_names: bool = True) -> None:
     """Check one hop: scheme, host, and every address the host stands for.
 
-    A literal IP is checked as is. Any other host is resolved and refused if
-    ANY answer is refused (a mixed public/private answer is refused: the
-    connection could land on either). With ``resolve_names=False`` real names
-    are left to :class:`GuardedResolver`, which does the same check at connect
-    time; numeric spellings are still resolved here since aiohttp skips the
-    resolver for them.
+    A literal IP is checked as is. A name is resolved and refused when no
+    answer is allowed, as :class:`GuardedResolver` does at connect time; with
+    ``resolve_names=False`` names are left to it. Numeric spellings are
+    checked here whatever ``resolve_names`` says, since aiohttp skips the
+    resolver for them; one that is not a number raises ``ValueError``, which
+    callers report as an invalid URL.
     """
     target = url if isinstance(url, URL) else URL(url)
     host = hop_host(target)
     ip = literal_address(host)
     if ip is not None:
         guard.check(host, ip)
-    elif resolve_names or looks_numeric(host):
+    elif looks_numeric(host):
+        await _check_numeric(guard, host, target.port or 0)
+    elif resolve_names:
         await resolve_checked(guard, host, target.port or 0)
+
+
+async def _check_numeric(guard: AddressGuard, host: str, port: int) -> None:
+    # AI_NUMERICHOST: glibc does not take every numeric-looking spelling for a
+    # number ("127.0.0.2." with a trailing dot); without the flag it would send
+    # those to DNS, a query leaving the machine for a host that is no name.
+    try:
+        answers = await _lookup(host, port, socket.AF_UNSPEC, socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        raise ValueError(f"host {host!r} looks like an IP address but is not one") from None
+    # Refused if ANY answer is: nothing pins aiohttp's connection to the ones we allowed.
+    for _, _, ip in answers:
+        guard.check(host, ip)
 
 
 async def resolve_checked(
     guard: AddressGuard, host: str, port: int, family: int = socket.AF_UNSPEC,
 ) -> list[tuple[socket.AddressFamily, int, IPAddress]]:
-    """Resolve ``host`` and return (family, proto, address) for each answer, all vetted.
+    """Resolve ``host`` and return (family, proto, address) for each answer the guard allows.
 
-    Raises ``PermanentError(forbidden_address)`` when any answer is refused and
-    ``OSError`` (``socket.gaierror``) when the name does not resolve.
+    Refused answers are dropped: safe only because the caller connects to the
+    returned addresses and nothing else (:class:`GuardedResolver`). So
+    ``localhost`` = ::1 + 127.0.0.1 with 127.0.0.1/32 allowed goes to 127.0.0.1.
+    Raises ``PermanentError(forbidden_address)`` naming a refused address when
+    no answer is left, and ``OSError`` (``socket.gaierror``) when the name
+    does not resolve.
     """
+    answers = await _lookup(host, port, family)
+    allowed = [answer for answer in answers if guard.is_allowed(answer[2])]
+    if answers and not allowed:
+        guard.check(host, answers[0][2])
+    return allowed
+
+
+async def _lookup(
+    host: str, port: int, family: int, flags: int = 0,
+) -> list[tuple[socket.AddressFamily, int, IPAddress]]:
     infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, family=family, type=socket.SOCK_STREAM,
+        host, port, family=family, type=socket.SOCK_STREAM, flags=flags,
     )
-    answers: list[tuple[socket.AddressFamily, int, IPAddress]] = [
-        (fam, proto, _sockaddr_ip(sockaddr)) for fam, _, proto, _, sockaddr in infos
-    ]
-    for _, _, ip in answers:
-        guard.check(host, ip)
-    return answers
+    return [(fam, proto, _sockaddr_ip(sockaddr)) for fam, _, proto, _, sockaddr in infos]
 
 
 def _sockaddr_ip(sockaddr: tuple[object, ...]) -> IPAddress:

@@ -1,11 +1,13 @@
-"""Recording fakes of the ports, shared by every unit test."""
+"""Recording fakes of the ports (and a stub DNS), shared by the tests."""
 
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from alertd.domain import JSON, DownloadedVideo, Outcome, WebhookEvent, webhook_receiver
 from alertd.errors import ProcessingError, StoreUnavailable
@@ -166,3 +168,36 @@ class RecordingSender:
 
 async def no_sleep(seconds: float) -> None:
     """A Sleep that returns at once, for the service's store waits."""
+
+
+@dataclass
+class FakeDns:
+    """Stands in for ``loop.getaddrinfo``: answers from ``answers``; any other lookup fails.
+
+    Install with ``monkeypatch.setattr(loop, "getaddrinfo", dns)``: no name is
+    resolved for real, so no query can leave the machine. A numeric-only
+    lookup (``AI_NUMERICHOST``) of another host fails as glibc's does.
+    """
+
+    answers: dict[str, list[str]]
+    lookups: list[str] = field(default_factory=list)
+    numeric_lookups: list[str] = field(default_factory=list)
+
+    async def __call__(
+        self, host: str, port: int, *, family: int = socket.AF_UNSPEC, flags: int = 0,
+        **_: Any,
+    ) -> list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]]:
+        numeric = bool(flags & socket.AI_NUMERICHOST)
+        (self.numeric_lookups if numeric else self.lookups).append(host)
+        if host not in self.answers:
+            if numeric:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            raise AssertionError(f"unexpected lookup of {host!r}")
+        infos: list[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]] = []
+        for address in self.answers[host]:
+            v6 = ":" in address
+            fam = socket.AF_INET6 if v6 else socket.AF_INET
+            if family in (socket.AF_UNSPEC, fam):
+                sockaddr = (address, port, 0, 0) if v6 else (address, port)
+                infos.append((fam, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr))
+        return infos

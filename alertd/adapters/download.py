@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 
 import aiohttp
+from aiohttp.http import HttpProcessingError
 from yarl import URL
 
 from alertd import __version__
@@ -29,6 +30,7 @@ DIR_PREFIX = "alertd-dl-"
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_PARSER_DETAIL = 200  # characters of aiohttp's parser message kept (it quotes the bad line)
 
 
 class HttpVideoFetcher:
@@ -81,7 +83,10 @@ class HttpVideoFetcher:
         remove_orphaned_dirs(parent)
         self._dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=parent)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self._guard)),
+            # limit=0: the slots already bound how many downloads run at once.
+            # aiohttp's default of 100 connections made slots past it wait for
+            # one inside their download deadline (--concurrency goes far higher).
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self._guard), limit=0),
             # No proxies or .netrc from the environment, no cookies carried from
             # one alert's URL to the next, and the bytes exactly as served.
             trust_env=False,
@@ -150,7 +155,7 @@ class HttpVideoFetcher:
             # Only network errors get here: local disk errors were translated
             # where the file is written, so they cannot be mistaken for these.
             raise TransientError(
-                ErrorCode.DOWNLOAD_FAILED, f"{safe_url(url)}: {describe_error(exc)}",
+                ErrorCode.DOWNLOAD_FAILED, f"{safe_url(url)}: {_network_detail(exc)}",
             ) from None
 
     async def _final_response(
@@ -219,11 +224,36 @@ class HttpVideoFetcher:
         return DownloadedVideo(path=path, size_bytes=size, sha256=digest.hexdigest())
 
 
+def _network_detail(exc: BaseException) -> str:
+    """The text a network error is stored with: URLs without secrets, parser errors named."""
+    if isinstance(exc, aiohttp.ClientResponseError) and isinstance(
+        exc.__cause__, HttpProcessingError,
+    ):
+        # aiohttp's parser refused the response (status line, header count or
+        # size, Content-Length with Transfer-Encoding, chunk framing). The 400
+        # in its text is aiohttp's own code, not a status the server sent.
+        # Still transient: a proxy or a server restarting mid-write can garble
+        # one response, and retries are bounded by --max-attempts.
+        lines = (line.strip() for line in exc.message.splitlines())
+        detail = " ".join(line for line in lines if line and line != "^")
+        if len(detail) > MAX_PARSER_DETAIL:
+            detail = f"{detail[:MAX_PARSER_DETAIL]}..."
+        return f"malformed HTTP response: {describe_error(ValueError(detail))}"
+    return describe_error(exc)
+
+
 def _check_status(response: aiohttp.ClientResponse) -> None:
     status = response.status
-    if 200 <= status < 300:
+    if 200 <= status < 300 and status != 206:
         return
     message = f"HTTP {status} from {safe_url(response.url)}"
+    if status == 206:
+        # alertd never sends Range, so a 206 body is a part of the clip, not the
+        # clip. Permanent: the server answers the same request the same way,
+        # and retrying would only delay the failure by the whole backoff.
+        raise PermanentError(
+            ErrorCode.DOWNLOAD_FAILED, f"{message}: Partial Content, though no Range was asked",
+        )
     if status in (404, 410):
         raise PermanentError(ErrorCode.DOWNLOAD_NOT_FOUND, message)
     if status in (408, 429) or status >= 500:

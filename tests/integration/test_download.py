@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from alertd.adapters.download import HttpVideoFetcher
 from alertd.errors import ErrorCode, PermanentError, ProcessingError, TransientError
 from alertd.netguard import AddressGuard
 from tests.e2e.harness import eventually
+from tests.fakes import FakeDns
 from tests.ports import free_port
 from tests.servers import ClipServer, payload, sha256_of
 
@@ -56,6 +59,41 @@ async def other_loopback() -> AsyncIterator[ClipServer]:
     """A server on 127.0.0.2, outside the allow list: it must never see a request."""
     async with ClipServer(host="127.0.0.2") as server:
         yield server
+
+
+@asynccontextmanager
+async def connections_to(host: str, port: int) -> AsyncIterator[list[object]]:
+    """Listen on ``host``:``port`` and record every connection accepted (none is answered)."""
+    accepted: list[object] = []
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await asyncio.start_server(accept, host, port)
+    try:
+        yield accepted
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def answering_raw(response: bytes) -> AsyncIterator[str]:
+    """A TCP server on 127.0.0.1 answering any request with ``response`` as is; yields a URL."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/clip.mp4"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def leftovers(fetcher: HttpVideoFetcher) -> list[str]:
@@ -187,6 +225,56 @@ async def test_a_body_cut_short_is_transient(
     assert error.code is ErrorCode.DOWNLOAD_FAILED
 
 
+MALFORMED_RESPONSES = {
+    "garbage status line": (b"HELLO WORLD\r\n\r\n", "Bad status line"),
+    "non-numeric status": (b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok", "Bad status line"),
+    "too many headers": (
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200))
+        + b"Content-Length: 2\r\n\r\nok",
+        "Too many headers",
+    ),
+    "a header too big": (
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        "Got more than 8190 bytes",
+    ),
+    "Content-Length with Transfer-Encoding": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        "Transfer-Encoding can't be present with Content-Length",
+    ),
+    "a bad chunk size": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+        "Invalid character in chunk size",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_RESPONSES))
+async def test_a_malformed_response_is_transient_and_named_so_not_as_an_http_400(
+    fetcher: HttpVideoFetcher, name: str,
+) -> None:
+    response, detail = MALFORMED_RESPONSES[name]
+    async with answering_raw(response) as url:
+        error = await download_error(fetcher, url)
+    assert isinstance(error, TransientError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith(f"{url}: malformed HTTP response: {detail}")
+    assert "\n" not in error.message and len(error.message) < len(url) + 250
+
+
+async def test_partial_content_is_refused_as_a_permanent_failure(
+    fetcher: HttpVideoFetcher,
+) -> None:
+    # Part of a clip, though no Range was asked for.
+    response = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1/10\r\n" \
+        b"Content-Length: 2\r\n\r\nok"
+    async with answering_raw(response) as url:
+        error = await download_error(fetcher, url)
+    assert isinstance(error, PermanentError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith(f"HTTP 206 from {url}: Partial Content")
+
+
 async def test_a_drip_past_the_total_timeout_is_a_download_timeout(
     tmp_path: Path, clip_server: ClipServer,
 ) -> None:
@@ -197,6 +285,20 @@ async def test_a_drip_past_the_total_timeout_is_a_download_timeout(
     assert isinstance(error, TransientError)
     assert error.code is ErrorCode.DOWNLOAD_TIMEOUT
     assert time.monotonic() - started < 2.0
+
+
+async def test_more_downloads_at_once_than_aiohttps_default_pool_all_finish_in_time(
+    tmp_path: Path, clip_server: ClipServer,
+) -> None:
+    # aiohttp's connector allows 100 connections unless told otherwise: the
+    # 20 downloads past them would wait for one inside their deadline.
+    async def fetch_one() -> int:
+        async with fetcher.fetch_video(clip_server.url("/slow-headers?s=0.7")) as video:
+            return video.size_bytes
+
+    async with make_fetcher(tmp_path, total_timeout=1.2) as fetcher:
+        sizes = await asyncio.gather(*(fetch_one() for _ in range(120)))
+    assert sizes == [len(b"late")] * 120
 
 
 @pytest.mark.parametrize("path", ["/slow-headers?s=5", "/drip?bytes=10&interval=5"])
@@ -251,6 +353,24 @@ async def test_a_forbidden_literal_or_numeric_host_is_refused_without_contact(
     assert other_loopback.requests == []
 
 
+@pytest.mark.parametrize("via_redirect", [False, True])
+async def test_a_numeric_host_with_a_trailing_dot_is_a_permanent_invalid_url_without_dns(
+    fetcher: HttpVideoFetcher, clip_server: ClipServer, other_loopback: ClipServer,
+    monkeypatch: pytest.MonkeyPatch, via_redirect: bool,
+) -> None:
+    target = f"http://127.0.0.2.:{other_loopback.port}/bytes/10"
+    url = clip_server.url(f"/redirect-to?url={target}") if via_redirect else target
+    dns = FakeDns({})  # a lookup other than a numeric-only one fails the test
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+    error = await download_error(fetcher, url)
+    assert isinstance(error, PermanentError)
+    assert error.code is ErrorCode.DOWNLOAD_FAILED
+    assert error.message.startswith("invalid URL ")
+    assert "'127.0.0.2.' looks like an IP address but is not one" in error.message
+    assert dns.lookups == []
+    assert other_loopback.requests == []
+
+
 async def test_a_name_resolving_to_a_forbidden_address_is_refused_without_contact(
     tmp_path: Path, clip_server: ClipServer,
 ) -> None:
@@ -268,6 +388,34 @@ async def test_a_name_resolving_to_an_allowed_address_is_downloaded(
     url = clip_server.url("/bytes/10").replace("127.0.0.1", "localhost")
     async with fetcher.fetch_video(url) as video:
         assert video.size_bytes == 10
+
+
+@pytest.mark.parametrize("refused", ["127.0.0.2", "::1"])
+async def test_a_name_with_refused_answers_is_downloaded_from_its_allowed_address_only(
+    tmp_path: Path, clip_server: ClipServer, monkeypatch: pytest.MonkeyPatch, refused: str,
+) -> None:
+    # The README's --allow-network 127.0.0.1/32 on a stock Debian host, where
+    # localhost is ::1 and 127.0.0.1. The refused answer comes first and has a
+    # listener on the clip server's port: a connection to it would be recorded.
+    guard = AddressGuard((ip_network("127.0.0.1/32"),))
+    dns = FakeDns({"clips.test": [refused, "127.0.0.1"]})
+    base = f"http://clips.test:{clip_server.port}"
+    async with connections_to(refused, clip_server.port) as refused_connections, \
+            make_fetcher(tmp_path, guard=guard) as fetcher:
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+
+        async def fetch_size(path: str) -> int:
+            async with fetcher.fetch_video(base + path) as video:
+                return video.size_bytes
+
+        assert await fetch_size("/bytes/10") == 10
+        # At once, so new connections are opened from aiohttp's DNS cache; each
+        # follows two redirects, each hop connecting again through the connector.
+        sizes = await asyncio.gather(*(fetch_size("/redirect/2?size=10") for _ in range(4)))
+    assert sizes == [10] * 4
+    assert dns.lookups == ["clips.test"]  # the rest came from the cache
+    assert refused_connections == []
+    assert len(clip_server.requests) == 1 + 4 * 3
 
 
 async def test_a_redirect_to_another_scheme_is_refused(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
-from typing import Any
+from pathlib import Path
 
+import aiohttp.helpers
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,8 +20,15 @@ from alertd.netguard import (
     check_url,
     describe_error,
     literal_address,
+    looks_numeric,
     safe_url,
 )
+from tests.fakes import FakeDns
+
+SETUP_CFG = Path(__file__).resolve().parents[2] / "setup.cfg"
+# The first aiohttp seen to refuse non-canonical IPv4 hosts (2130706433, 127.1)
+# and to cap the header count, with the is_ip_address that looks_numeric mirrors.
+AIOHTTP_TESTED = (3, 14)
 
 OPEN = AddressGuard()
 LOOPBACK_ONE = AddressGuard((ip_network("127.0.0.1/32"), ip_network("::1/128")))
@@ -177,23 +186,39 @@ async def test_a_name_is_refused_naming_the_host_and_the_address() -> None:
     assert "loopback" in info.value.message
 
 
-def fake_getaddrinfo(answers: dict[str, list[str]]) -> Any:
-    """A stand-in for loop.getaddrinfo: no lookup leaves the process."""
-    async def getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
-        if host not in answers:
-            raise AssertionError(f"unexpected lookup of {host}")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
-    return getaddrinfo
+@pytest.mark.parametrize("refused", ["127.0.0.2", "::1"])
+async def test_a_mixed_answer_keeps_only_the_allowed_addresses_for_the_connection(
+    monkeypatch: pytest.MonkeyPatch, refused: str,
+) -> None:
+    # localhost on a stock Debian host (::1 and 127.0.0.1) with the README's 127.0.0.1/32.
+    guard = AddressGuard((ip_network("127.0.0.1/32"),))
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"mixed.test": [refused, "127.0.0.1"]}))
+    await check_url("http://mixed.test/", guard)
+    results = await GuardedResolver(guard).resolve("mixed.test", 8080, socket.AF_UNSPEC)
+    assert [r["host"] for r in results] == ["127.0.0.1"]
 
 
-async def test_a_mixed_answer_is_refused_when_any_address_is_forbidden(
+async def test_an_answer_with_every_address_refused_is_refused_naming_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo({"mixed.test": [
-        "127.0.0.1", "127.0.0.2"]}))
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"private.test": ["127.0.0.2", "10.0.0.1"]}))
+    for attempt in (check_url("http://private.test/", LOOPBACK_ONE),
+                    GuardedResolver(LOOPBACK_ONE).resolve("private.test", 80, socket.AF_UNSPEC)):
+        with pytest.raises(PermanentError) as info:
+            await attempt
+        assert info.value.code is ErrorCode.FORBIDDEN_ADDRESS
+        assert info.value.message.startswith("private.test (127.0.0.2) is loopback")
+
+
+async def test_a_numeric_spelling_is_refused_if_any_answer_is_since_nothing_pins_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", FakeDns({"2130706433": ["127.0.0.1", "127.0.0.2"]}))
     with pytest.raises(PermanentError) as info:
-        await check_url("http://mixed.test/", LOOPBACK_ONE)
+        await check_url("http://2130706433/", LOOPBACK_ONE, resolve_names=False)
     assert "127.0.0.2" in info.value.message
 
 
@@ -201,10 +226,26 @@ async def test_names_are_left_to_the_resolver_but_numeric_spellings_are_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo({"2130706434": ["127.0.0.2"]}))
+    dns = FakeDns({"2130706434": ["127.0.0.2"]})
+    monkeypatch.setattr(loop, "getaddrinfo", dns)
     await check_url("http://clips.test/", LOOPBACK_ONE, resolve_names=False)
     with pytest.raises(PermanentError):
         await check_url("http://2130706434/", LOOPBACK_ONE, resolve_names=False)
+    assert dns.numeric_lookups == ["2130706434"] and dns.lookups == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2.", "127.0.0.1.", "2130706434.", "1.2.3.4.5"])
+async def test_a_numeric_looking_host_that_is_no_number_is_an_invalid_url_never_sent_to_dns(
+    monkeypatch: pytest.MonkeyPatch, host: str,
+) -> None:
+    # glibc would send "127.0.0.2." to a DNS server: a query leaving the machine.
+    dns = FakeDns({})  # any lookup but a numeric-only one fails the test
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", dns)
+    for resolve_names in (True, False):
+        with pytest.raises(ValueError, match="looks like an IP address but is not one"):
+            await check_url(f"http://{host}:8080/clip.mp4", LOOPBACK_ONE,
+                            resolve_names=resolve_names)
+    assert dns.lookups == []
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "http:///nohost"])
@@ -229,3 +270,11 @@ def test_safe_url_and_error_text_drop_query_and_credentials() -> None:
         "https://cdn.test:8443/a/b.mp4")
     text = describe_error(ValueError("bad https://cdn.test/x?token=SECRET here"))
     assert "SECRET" not in text and "https://cdn.test/x" in text
+
+
+def test_setup_cfg_requires_the_aiohttp_release_whose_host_handling_the_guard_mirrors() -> None:
+    floor = re.search(r"^\s*aiohttp>=(\d+)\.(\d+)", SETUP_CFG.read_text(), re.MULTILINE)
+    assert floor is not None
+    assert (int(floor[1]), int(floor[2])) >= AIOHTTP_TESTED
+    for host in ("127.0.0.1", "127.0.0.2.", "2130706433", "0x7f000001", "::1", "clips.test"):
+        assert looks_numeric(host) == aiohttp.helpers.is_ip_address(host), host
