@@ -39,7 +39,7 @@ async def open_world(settings: Settings) -> World:
     stack = contextlib.AsyncExitStack()
     try:
         guard = AddressGuard(settings.allow_networks)
-        pool = await open_pool(settings.dsn, settings.db_pool_size)
+        pool = await open_pool(settings.dsn, settings.db_pool_size, statement_limits=True)
         stack.push_async_callback(pool.close)
         store = PostgresStore(pool)
         fetcher = HttpVideoFetcher.from_settings(settings, guard)

@@ -11,7 +11,7 @@ import click
 import orjson
 
 from alertd import __version__
-from alertd.config import Settings, from_options, load_config_file
+from alertd.config import Settings, check_local_paths, from_options, load_config_file
 from alertd.errors import AlertdError, ConfigError
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
 
@@ -133,7 +133,7 @@ DAEMON_OPTIONS: list[Decorator] = [
          help="Seconds before a probe is killed."),
     _opt("max-attempts", type=click.IntRange(1), default=_D.max_attempts,
          help="Tries of an alert on transient errors before it is recorded failed; the "
-              "longest retry delay must fit RabbitMQ's TTL limit (~49.7 days)."),
+              "longest retry delay must fit RabbitMQ's longest timer (~49.7 days)."),
     _opt("retry-delay", type=float, default=_D.retry_delay,
          help="Seconds before the 2nd attempt; doubles for each next one."),
     _opt("graceful-timeout", type=float, default=_D.graceful_timeout,
@@ -191,7 +191,7 @@ def start(ctx: click.Context, /, control_socket: str, **options: Any) -> None:
     from alertd.logs import setup_logging
     from alertd.master import Arbiter
 
-    settings = settings_from(ctx, options)
+    settings = check_local_paths(settings_from(ctx, options))
     setup_logging(settings.log_level, settings.log_format)
     args = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "start" else []
 
@@ -200,7 +200,7 @@ def start(ctx: click.Context, /, control_socket: str, **options: Any) -> None:
         with start.make_context("start", list(args)) as again:
             params = dict(again.params)
             params.pop("control_socket", None)
-            return settings_from(again, params)
+            return check_local_paths(settings_from(again, params))
 
     code = Arbiter(settings, reload=reload, control_socket=control_socket or None).run()
     sys.exit(code)

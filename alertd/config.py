@@ -24,7 +24,9 @@ LOG_FORMATS = ("text", "json")
 PROBERS = ("ffprobe", "pyav")
 # Settings fields whose config-file key and option are singular (repeatable).
 DISPLAY_KEYS = {"allow_networks": "allow_network", "webhook_secrets": "webhook_secret"}
-# RabbitMQ's largest x-message-ttl (ms): a delay queue with a longer one is refused.
+# RabbitMQ's expiry timers are Erlang timers, 2^32-1 ms at most: a delay queue
+# with a longer x-message-ttl is declared (3.10 takes up to 2^53) but nothing
+# assures that its messages ever come back. Also past any sane retry.
 MAX_TTL_MS = 2**32 - 1
 
 
@@ -119,13 +121,15 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"{key}: must be greater than 0, got {getattr(s, key)}")
     if s.graceful_timeout < 0:
         raise ConfigError(f"graceful_timeout: must be 0 or more, got {s.graceful_timeout}")
-    longest = s.retry_delay_for(s.max_attempts - 1)
+    try:
+        longest = s.retry_delay_for(s.max_attempts - 1)
+    except OverflowError:
+        longest = math.inf
     if s.max_attempts > 1 and longest * 1000 > MAX_TTL_MS:
         raise ConfigError(f"max_attempts: with retry_delay {s.retry_delay:g}s the last retry "
-                          f"would wait {longest:.0f}s, over RabbitMQ's message TTL limit of "
-                          f"{MAX_TTL_MS // 1000}s; lower max_attempts or retry_delay")
-    if s.download_dir is not None:
-        _writable_directory("download_dir", s.download_dir)
+                          f"would wait {longest:.0f}s, past RabbitMQ's longest timer "
+                          f"({MAX_TTL_MS // 1000}s, ~49.7 days); lower max_attempts or "
+                          "retry_delay")
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError(f"metrics_port: must be 0..65535, got {s.metrics_port}")
     _one_of("queue_type", s.queue_type, QUEUE_TYPES)
@@ -145,6 +149,15 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError("webhook_url: must be an http(s) URL, got "
                               f"{mask_url(s.webhook_url, every_query_value=True)!r}")
     return s
+
+
+def check_local_paths(settings: Settings) -> Settings:
+    """What only the machine that runs alertd can check: called by ``start`` (and
+    on a reload), not by ``check-config``, which may vet a config elsewhere (CI,
+    a laptop; systemd creates CacheDirectory= only when the unit starts)."""
+    if settings.download_dir is not None:
+        _writable_directory("download_dir", settings.download_dir)
+    return settings
 
 
 def _writable_directory(key: str, path: str) -> None:

@@ -330,10 +330,10 @@ def _rfc3339(value: object) -> dt.datetime:
         text = text[:leap.start(1)] + "59" + text[leap.end(1):]
     try:
         parsed = dt.datetime.fromisoformat(text)
-    except ValueError:
+        if leap:
+            parsed += dt.timedelta(seconds=1)
+    except (ValueError, OverflowError):  # Overflow: a leap second at the end of 9999
         raise InvalidMessage("invalid_field: occurred_at is not RFC 3339") from None
-    if leap:
-        parsed += dt.timedelta(seconds=1)
     if "T" not in value.upper() or parsed.tzinfo is None:
         raise InvalidMessage("invalid_field: occurred_at needs a date, a time and an offset")
     return parsed

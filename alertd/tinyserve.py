@@ -215,11 +215,18 @@ class TinyServer:
 
 
 def _answers(path: str) -> bool:
-    """Whether something listens on the Unix socket ``path`` (a stale file refuses)."""
+    """Whether something may listen on the Unix socket ``path``.
+
+    Only a refusal (a stale socket file, or a file that is no socket) or no
+    file at all is "nobody": a full accept backlog (EAGAIN: a master busy in
+    a tick), a timeout or no permission may hide a live master.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:  # refused (stale), missing, not a socket, timed out
+        except (ConnectionRefusedError, FileNotFoundError):
             return False
+        except OSError:
+            return True
     return True

@@ -76,11 +76,15 @@ async def open_pool(
     checkout_timeout: float = 5.0,
     reconnect_timeout: float = 30.0,
     application_name: str = "alertd",
+    statement_limits: bool = False,
 ) -> Pool:
     """Open a pool on the running loop; returns at once even if the database is down.
 
     Call it inside the child's ``serve()``, never at import or before fork.
     ``checkout_timeout`` bounds each wait for a connection (then ``StoreUnavailable``).
+    ``statement_limits``: the daemon's STATEMENT_TIMEOUT_S and LOCK_TIMEOUT_S on
+    every connection (not for an operator's command, whose one big UPDATE may
+    rightly take longer).
     """
     pool: Pool = AsyncConnectionPool(
         dsn,
@@ -100,7 +104,7 @@ async def open_pool(
             "keepalives_count": 3,
             "tcp_user_timeout": 25_000,
         },
-        configure=_configure,
+        configure=_configure_with_limits if statement_limits else _configure,
         check=lambda conn: _check_and_sweep(conn, pool),
         timeout=checkout_timeout,
         # psycopg_pool backs off by doubling with no ceiling until it gives up
@@ -156,12 +160,17 @@ def _looks_alive(conn: AsyncConnection[TupleRow]) -> bool:
 
 
 async def _configure(conn: AsyncConnection[TupleRow]) -> None:
-    """Each new connection: orjson for JSON, and the timeouts set on the session.
+    """Each new connection: orjson for JSON."""
+    set_json_dumps(orjson.dumps, conn)
+    set_json_loads(orjson.loads, conn)
+
+
+async def _configure_with_limits(conn: AsyncConnection[TupleRow]) -> None:
+    """Each new daemon connection: orjson, and the timeouts set on the session.
 
     On the session, not through the DSN's ``options``, which stays the operator's.
     """
-    set_json_dumps(orjson.dumps, conn)
-    set_json_loads(orjson.loads, conn)
+    await _configure(conn)
     await conn.execute(
         "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false)",
         (f"{round(STATEMENT_TIMEOUT_S * 1000)}ms", f"{round(LOCK_TIMEOUT_S * 1000)}ms"))

@@ -872,7 +872,7 @@ async def test_a_statement_waiting_for_a_lock_ends_in_store_unavailable_within_t
     """An ALTER TABLE queued behind a long reader (here: a held lock) no longer holds
     the slot and its delivery for ever; the slot's store retry takes over."""
     monkeypatch.setattr(postgres, "LOCK_TIMEOUT_S", 0.5)
-    pool = await open_pool(fresh_db, 1, application_name=APP)
+    pool = await open_pool(fresh_db, 1, application_name=APP, statement_limits=True)
     try:
         await pool.wait(timeout=10)
         store = PostgresStore(pool)
@@ -893,7 +893,7 @@ async def test_a_hung_statement_ends_in_store_unavailable_within_the_statement_t
     fresh_db: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_S", 0.5)
-    pool = await open_pool(fresh_db, 1, application_name=APP)
+    pool = await open_pool(fresh_db, 1, application_name=APP, statement_limits=True)
     try:
         store = PostgresStore(pool)
 
@@ -905,6 +905,21 @@ async def test_a_hung_statement_ends_in_store_unavailable_within_the_statement_t
         assert await store.recorded_fingerprint("x") is None  # the connection works on
     finally:
         await pool.close()
+
+
+async def test_only_the_daemons_pool_limits_statements_not_an_operators_command(
+    fresh_db: str,
+) -> None:
+    # `alertd outbox retry --all` may rightly run one UPDATE for longer than 30 s.
+    for limits, expected in ((True, ("30s", "10s")), (False, ("0", "0"))):
+        pool = await open_pool(fresh_db, 1, application_name=APP, statement_limits=limits)
+        try:
+            async with pool.connection(timeout=10) as conn:
+                cur = await conn.execute("SELECT current_setting('statement_timeout'), "
+                                         "current_setting('lock_timeout')")
+                assert await cur.fetchone() == expected
+        finally:
+            await pool.close()
 
 
 def test_a_migration_step_waiting_for_a_table_in_use_fails_in_one_line_instead_of_hanging(

@@ -169,3 +169,31 @@ def test_closing_leaves_a_socket_file_that_is_no_longer_ours(
     finally:
         new.close()
     assert not Path(path).exists()
+
+
+def test_a_master_too_busy_to_accept_still_keeps_its_control_socket(
+    selector: selectors.BaseSelector, tmp_path: Path,
+) -> None:
+    # A live master stuck in a tick with its accept backlog full makes connect()
+    # fail with EAGAIN, not "refused": that is not a stale socket file.
+    path = str(tmp_path / "control.sock")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(path)
+    busy.listen(0)
+    waiting = []
+    try:
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(OSError, match="answers on it"):
+            TinyServer.unix(path, selector, lambda command: b"{}\n")
+        assert Path(path).exists()
+    finally:
+        for client in waiting:
+            client.close()
+        busy.close()
