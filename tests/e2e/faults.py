@@ -12,6 +12,7 @@ the stop.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.e2e.harness import (
     alert,
     publish,
     queue_counts,
+    queue_settled,
     rows,
     wait_until,
 )
@@ -87,12 +89,40 @@ def run_with_fault(
         wait_until(lambda: set(rows(dsn)) >= set(ids), settle_s, "every alert stored")
         wait_until(lambda: set(_ids_by_alert(run.webhook_srv)) >= set(ids), settle_s,
                    "a webhook for every alert")
-        wait_until(proc.consuming, 60, "every child consuming again")
+        # A fault that closed connections sends the unacked deliveries back
+        # (acks lost with them); they are acked as duplicates once the children
+        # consume again. A status report is up to a heartbeat old, so "every
+        # child consuming" alone may be from before the fault: wait until the
+        # queue is drained and every slot idle, seen twice a second apart.
+        wait_until(stays_true(lambda: drained(run), 1.0), settle_s,
+                   "the queue drained and every child consuming, idle")
         run.fd_baseline, run.fds_at_end = baseline, child_fds(proc)
         proc.stop()
         assert proc.proc is not None and proc.proc.returncode == 0, proc.log()[-3000:]
     check_invariants(run)
     return run
+
+
+def drained(run: Run) -> bool:
+    """No message ready in the main or delay queues, every child consuming with no slot busy."""
+    children = run.proc.children()
+    return (len(children) >= run.proc.workers
+            and all(c["state"] == "consuming" and not c["slots"] for c in children)
+            and queue_settled(run.amqp_url))
+
+
+def stays_true(check: Callable[[], bool], for_s: float) -> Callable[[], bool]:
+    """A predicate for wait_until: ``check`` held on two calls at least ``for_s`` apart."""
+    since: list[float] = []
+
+    def held() -> bool:
+        if not check():
+            since.clear()
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return time.monotonic() - since[0] >= for_s
+    return held
 
 
 def _ids_by_alert(srv: Servers) -> dict[str, set[str]]:
