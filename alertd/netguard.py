@@ -259,7 +259,19 @@ def safe_url(url: str | URL) -> str:
 
 
 
-def describe_error(exc: BaseException) -> str:
-    """Exception text safe to store and log: URLs inside it go through :func:`safe_url`."""
+def origin_of(url: str | URL) -> str:
+    """``scheme://host[:port]`` only: webhook URLs (Slack's, Discord's) carry
+    their secret in the path, so nothing past the authority is shown."""
+    try:
+        target = url if isinstance(url, URL) else URL(url)
+        return str(target.origin())
+    except (ValueError, TypeError):
+        return "<unparseable URL>"
+
+
+def describe_error(exc: BaseException, *, path_is_secret: bool = False) -> str:
+    """Exception text safe to store and log: URLs inside it go through :func:`safe_url`,
+    or are cut to their origin when ``path_is_secret``."""
     text = str(exc) or type(exc).__name__
-    return _URL_IN_TEXT.sub(lambda m: safe_url(m.group()), text)
+    shown = origin_of if path_is_secret else safe_url
+    return _URL_IN_TEXT.sub(lambda m: shown(m.group()), text)

@@ -468,7 +468,7 @@ _CLAIM_DUE_TAIL: LiteralString = """
 # '' (never NULL, which "<> ALL" would leave out of every claim) if unparsed.
 _RECEIVER: LiteralString = (
     "coalesce(lower(substring(btrim(url) from "
-    "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]*)')), '')")
+    "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#]*@)?([^@/?#]*)')), '')")
 _CLAIM_DUE: LiteralString = _CLAIM_DUE_HEAD + _CLAIM_DUE_TAIL
 _CLAIM_DUE_SKIPPING: LiteralString = (
     _CLAIM_DUE_HEAD + " AND " + _RECEIVER + " <> ALL(%(receivers)s)" + _CLAIM_DUE_TAIL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.utils
 import time
@@ -20,6 +21,9 @@ from alertd.signing import sign
 # Response bodies are read up to this much so the connection can go back to
 # the pool; a receiver that sends more gets its connection closed instead.
 DRAIN_BYTES = 64 * 1024
+# Reading what follows the status line is a courtesy to keep the connection
+# (the answer is in the status): a body that stalls or breaks is cut short.
+DRAIN_TIMEOUT_S = 1.0
 
 
 class HttpWebhookSender:
@@ -64,7 +68,10 @@ class HttpWebhookSender:
             ),
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": f"alertd/{__version__}"},
+            # The body is only drained, never read: no decompression, and ask
+            # for none (a compressed bomb then costs at most DRAIN_BYTES).
+            headers={"User-Agent": f"alertd/{__version__}", "Accept-Encoding": "identity"},
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._connect_timeout),
         )
 
@@ -100,16 +107,20 @@ class HttpWebhookSender:
             async with self._session.post(
                 url, data=delivery.body, headers=self._headers(delivery), allow_redirects=False,
             ) as response:
+                # The status decides: a 2xx whose body then stalls, ends
+                # early or is garbled was delivered all the same.
+                result = _result(response, time.monotonic() - started)
                 await _drain(response)
-                return _result(response, time.monotonic() - started)
+                return result
         except PermanentError as exc:
             return failed(exc.message, permanent=True)
         except TimeoutError:
             return failed(f"timeout after {self._timeout:g}s")
         except (aiohttp.InvalidURL, ValueError) as exc:
-            return failed(f"invalid URL: {describe_error(exc)}", permanent=True)
+            return failed(f"invalid URL: {describe_error(exc, path_is_secret=True)}",
+                          permanent=True)
         except (aiohttp.ClientError, OSError) as exc:
-            return failed(f"{type(exc).__name__}: {describe_error(exc)}")
+            return failed(f"{type(exc).__name__}: {describe_error(exc, path_is_secret=True)}")
 
     def _headers(self, delivery: PendingDelivery) -> dict[str, str]:
         # The timestamp is this attempt's, so a retry hours later still falls
@@ -128,12 +139,18 @@ class HttpWebhookSender:
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read up to DRAIN_BYTES of the body so the connection can serve the next
+    delivery; on a stall or a broken body, close it instead (never raises)."""
     remaining = DRAIN_BYTES
-    while remaining > 0:
-        chunk = await response.content.readany()
-        if not chunk:
-            return
-        remaining -= len(chunk)
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while remaining > 0:
+                chunk = await response.content.readany()
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        response.close()
 
 
 def _result(response: aiohttp.ClientResponse, duration_s: float) -> DeliveryResult:
@@ -168,8 +185,9 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
         return float(RETRY_AFTER_MAX_S if len(text) > 12 else min(int(text), RETRY_AFTER_MAX_S))
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)  # HTTP-dates are GMT by definition
+        return max(0.0, when.timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a zone offset or year of twenty digits.
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)  # HTTP-dates are GMT by definition
-    return max(0.0, when.timestamp() - now)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import time
 from collections.abc import AsyncIterator
@@ -130,6 +132,8 @@ def test_retry_after_parsing_handles_past_dates_and_garbage() -> None:
         == RETRY_AFTER_MAX_S
     assert parse_retry_after("-5", now=now) is None
     assert parse_retry_after(None, now=now) is None
+    # OverflowError inside email.utils: ignored, not a crash of deliver().
+    assert parse_retry_after("1 Jan 2025 00:00:00 +99999999999999999999", now=now) is None
 
 
 async def test_a_redirect_is_a_failure_and_is_not_followed(sender: HttpWebhookSender) -> None:
@@ -173,3 +177,49 @@ async def test_consecutive_deliveries_reuse_one_pooled_connection(
         for _ in range(3):
             assert (await sender.deliver(pending(sink.url()))).ok
     assert len({seen.peer for seen in sink.requests}) == 1
+
+
+@contextlib.asynccontextmanager
+async def raw_receiver(reply: bytes, *, then_stall: bool = True) -> AsyncIterator[str]:
+    """A receiver on 127.0.0.1 that reads the request, writes ``reply`` as is,
+    then holds the connection open without another byte (or closes it)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        writer.write(reply)
+        await writer.drain()
+        if then_stall:
+            await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/services/T000/B000/SECRETPATHTOKEN?token=q"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",  # then stalls, 8 bytes short
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n",  # stalls
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nnope",
+], ids=["short-body", "dripping-chunks", "bad-gzip"])
+async def test_a_2xx_is_delivered_whatever_its_body_does_after_the_status(reply: bytes) -> None:
+    # The answer is the status: before, a body that stalled or broke after a 2xx
+    # made the delivery a failure, sent again with the same id, and ended failed.
+    async with make_sender(timeout=5.0) as sender, raw_receiver(reply) as url:
+        started = time.monotonic()
+        result = await sender.deliver(pending(url))
+    assert result.ok and result.status_code == 200, result
+    assert time.monotonic() - started < 3
+
+
+async def test_an_error_names_the_receiver_without_the_secret_in_its_path() -> None:
+    async with make_sender() as sender, raw_receiver(b"HTTP/1.1 2x0 OK\r\n\r\n") as url:
+        result = await sender.deliver(pending(url))
+    assert not result.ok and result.error is not None
+    assert "SECRETPATHTOKEN" not in result.error and "token=q" not in result.error, result.error
+    assert "127.0.0.1" in result.error
