@@ -136,8 +136,10 @@ def validate(settings: Settings) -> Settings:
     _one_of("log_level", s.log_level, LOG_LEVELS)
     _one_of("log_format", s.log_format, LOG_FORMATS)
     _one_of("prober", s.prober, PROBERS)
-    if not s.queue or len(s.queue) > 200:
-        raise ConfigError("queue: must be 1..200 characters")
+    # In bytes: AMQP names are at most 255 bytes of UTF-8, and the longest
+    # one alertd declares is "<queue>.retry.<up to 10 digits>ms".
+    if not s.queue or len(s.queue.encode("utf-8", "surrogatepass")) > 200:
+        raise ConfigError("queue: must be 1..200 bytes of UTF-8")
     if urlsplit(s.amqp_url).scheme not in ("amqp", "amqps"):
         raise ConfigError(f"amqp_url: scheme must be amqp or amqps, got {mask_url(s.amqp_url)!r}")
     if urlsplit(s.dsn).scheme not in ("postgresql", "postgres"):

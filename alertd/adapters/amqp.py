@@ -7,14 +7,18 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiormq
 import aiormq.abc
 from pamqp import commands as spec
+from pamqp import encode
 from yarl import URL
 
+from alertd.adapters.amqpcodec import make_decoding_lenient
 from alertd.config import Settings, mask_url
 from alertd.handler import (
     ATTEMPT_HEADER,
@@ -32,6 +36,8 @@ from alertd.handler import (
 from alertd.stats import ChildStats
 
 log = logging.getLogger(__name__)
+# Before any connection: a producer's undecodable header must not close it.
+make_decoding_lenient()
 
 Handler = Callable[[InboundMessage, int], Awaitable[Disposition]]
 
@@ -41,6 +47,15 @@ RECONNECT_MAX_S = 30.0
 REQUEUE_AFTER_REFUSAL_S = 1.0
 PUBLISH_CONFIRM_TIMEOUT_S = 15.0
 ACK_FLUSH_TIMEOUT_S = 5.0
+# A connection that stayed up this long was good: only then does the
+# reconnect backoff start over (a message that makes the broker or the
+# decoder close it at once must not make a 0.5 s reconnect storm).
+HEALTHY_CONNECTION_S = 10.0
+# Room left in a frame for alertd's own headers and the other properties
+# when a producer's headers are copied onto a republished message.
+PROPERTIES_ROOM_BYTES = 4096
+DROPPED_HEADERS_HEADER = "x-alertd-dropped-headers"
+ORIGINAL_MESSAGE_ID_HEADER = "x-alertd-message-id"
 
 
 class PublishRefused(Exception):
@@ -231,9 +246,10 @@ class AmqpConsumer:
         """Connect, consume, and reconnect with backoff until :meth:`stop_consuming`."""
         delay = RECONNECT_FIRST_S
         while not self._stopping.is_set():
+            connected_at: float | None = None
             try:
                 await self._connect_and_consume()
-                delay = RECONNECT_FIRST_S
+                connected_at = time.monotonic()
                 await self._wait_for_trouble()
             except (*AMQP_FAILURES, ReconnectNeeded, RuntimeError) as exc:
                 # RuntimeError: aiormq's "connection closed" while opening a channel.
@@ -242,6 +258,8 @@ class AmqpConsumer:
                 self.consuming.clear()
             if self._stopping.is_set():
                 break
+            if connected_at is not None and time.monotonic() - connected_at >= HEALTHY_CONNECTION_S:
+                delay = RECONNECT_FIRST_S
             await self._close_connection()
             self._stats.count("amqp_reconnects")
             log.info("AMQP reconnecting in %.1fs", delay)
@@ -321,18 +339,27 @@ class AmqpConsumer:
             redelivered=bool(getattr(message.delivery, "redelivered", False)),
         )
         async with self._slots:
-            slot = self._stats.open_slot()
-            try:
-                disposition = await self._handler(inbound, slot)
-            except asyncio.CancelledError:
-                await self._settle(message, Requeue())
-                raise
-            except Exception as exc:
-                log.exception("unexpected error while handling a message")
-                disposition = self._after_bug(inbound, exc)
-            finally:
-                self._stats.close_slot(slot)
+            if self._stopping.is_set():
+                # Stopped while waiting for a slot (after a reconnect up to
+                # twice the prefetch waits here): hand it back, don't start it.
+                disposition: Disposition = Requeue()
+            else:
+                disposition = await self._handle_in_slot(message, inbound)
         await self._settle(message, disposition)
+
+    async def _handle_in_slot(self, message: aiormq.abc.DeliveredMessage,
+                              inbound: InboundMessage) -> Disposition:
+        slot = self._stats.open_slot()
+        try:
+            return await self._handler(inbound, slot)
+        except asyncio.CancelledError:
+            await self._settle(message, Requeue())
+            raise
+        except Exception as exc:
+            log.exception("unexpected error while handling a message")
+            return self._after_bug(inbound, exc)
+        finally:
+            self._stats.close_slot(slot)
 
     def _after_bug(self, inbound: InboundMessage, exc: Exception) -> Disposition:
         """An unexpected exception is retried like a transient error, then dead-lettered.
@@ -378,7 +405,12 @@ class AmqpConsumer:
                             RECEIVED_AT_HEADER: received_at_ms,
                             ERROR_HEADER: error[:500],
                         })
-        except AMQP_FAILURES as exc:
+        except Exception as exc:
+            if not isinstance(exc, AMQP_FAILURES):
+                # A bug, not the broker: the delivery must still be settled,
+                # or it stays unacked until the consumer timeout (30 min)
+                # and its tag blocks every multiple ack after it.
+                log.exception("could not settle delivery")
             if channel.is_closed:
                 # The broker requeues everything unacked on a closed channel,
                 # so this delivery comes back (and is deduplicated by id).
@@ -420,19 +452,38 @@ class AmqpConsumer:
         Crash in between: the original comes back and is handled again, so a
         copy may be duplicated, never lost.
         """
+        properties = _republished(message, headers, self._frame_max())
         publisher = await self._publisher_channel()
         try:
-            await publish_confirmed(publisher, queue, message.body,
-                                    _republished(message, headers))
+            try:
+                await publish_confirmed(publisher, queue, message.body, properties)
+            except aiormq.exceptions.PublishError:
+                # Returned unroutable: the delay queue or the DLQ was deleted
+                # while alertd ran. Declared again, the copy goes out once
+                # more, instead of a requeue every second until the main
+                # queue's delivery limit dead-letters the alert unprocessed.
+                log.warning("queue %r is gone; declaring the topology again", queue)
+                await self._drop_publisher(publisher)
+                publisher = await self._publisher_channel()
+                await declare_topology(publisher, self._settings)
+                await publish_confirmed(publisher, queue, message.body, properties)
         except AMQP_FAILURES:
             # RabbitMQ 3.10 keeps refusing publishes on a channel that a full
             # quorum queue once rejected, even after the queue has room
             # again: the next publish goes out on a fresh channel.
-            self._publisher = None
-            with contextlib.suppress(*AMQP_FAILURES):
-                await asyncio.wait_for(publisher.close(), 5)
+            await self._drop_publisher(publisher)
             raise
         await self._ack(message)
+
+    async def _drop_publisher(self, publisher: aiormq.abc.AbstractChannel) -> None:
+        if self._publisher is publisher:
+            self._publisher = None
+        with contextlib.suppress(*AMQP_FAILURES):
+            await asyncio.wait_for(publisher.close(), 5)
+
+    def _frame_max(self) -> int:
+        tune = getattr(self._connection, "connection_tune", None)
+        return int(getattr(tune, "frame_max", 0) or 131072)
 
     async def _publisher_channel(self) -> aiormq.abc.AbstractChannel:
         """A confirm-mode channel for republishing, apart from the consuming one."""
@@ -482,15 +533,43 @@ class AmqpConsumer:
                 await asyncio.wait_for(connection.close(), 5)
 
 
-def _republished(message: aiormq.abc.DeliveredMessage,
-                 extra_headers: dict[str, Any]) -> spec.Basic.Properties:
+def _republished(message: aiormq.abc.DeliveredMessage, extra_headers: dict[str, Any],
+                 frame_max: int) -> spec.Basic.Properties:
+    """The properties of a copy for a delay queue or the DLQ.
+
+    The producer's headers are kept when they can be sent again: what the
+    decoder read may not encode back (a string that was not UTF-8, a double
+    beyond float32), or may fill the frame once alertd's headers are added,
+    and either would fail the publish every time (or close the connection).
+    Then they are dropped, and a header says why. The copy gets a message
+    id of its own: aiormq matches a returned publish to its confirm by
+    message id, so two copies in flight with a producer's shared id could
+    take each other's return, and an unroutable copy count as confirmed.
+    """
     props = message.header.properties
+    ours = dict(extra_headers)
+    if props.message_id:
+        ours[ORIGINAL_MESSAGE_ID_HEADER] = props.message_id
+    headers = {**(props.headers or {}), **ours}
+    try:
+        room = frame_max - PROPERTIES_ROOM_BYTES - len(encode.field_table(ours))
+        if len(encode.field_table(props.headers or {})) > room:
+            raise ValueError(f"over {room} bytes with alertd's")
+    except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
+        headers = {**ours, DROPPED_HEADERS_HEADER: f"cannot copy the producer's headers: "
+                                                   f"{type(exc).__name__}: {exc}"[:300]}
+    timestamp = props.timestamp if isinstance(props.timestamp, dt.datetime) else None
     return spec.Basic.Properties(
-        content_type=props.content_type or "application/json",
+        content_type=_short(props.content_type) or "application/json",
         delivery_mode=2,
-        headers={**(props.headers or {}), **extra_headers},
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        timestamp=props.timestamp,
-        app_id=props.app_id,
+        headers=headers,
+        message_id=uuid.uuid4().hex,
+        correlation_id=_short(props.correlation_id),
+        timestamp=timestamp,
+        app_id=_short(props.app_id),
     )
+
+
+def _short(value: str | None) -> str | None:
+    """A short-string property that encodes back into its 255 bytes, else None."""
+    return value if value is None or len(value.encode("utf-8", "replace")) <= 255 else None

@@ -76,6 +76,8 @@ def test_repeatable_allow_network_from_env_is_space_separated() -> None:
     ([], {"ALERTD_RETRY_DELAY": "nan"}, "retry_delay"),
     # The longest delay queue would need a TTL RabbitMQ refuses (> 2^32-1 ms).
     (["--max-attempts", "25"], {}, "max_attempts"),
+    # 130 characters but 260 bytes: AMQP names are at most 255 bytes.
+    (["--queue", "\u00e9" * 130], {}, "queue"),
     # Past a float: a one-line refusal, not an OverflowError traceback.
     (["--max-attempts", "1100"], {}, "max_attempts"),
 ])
