@@ -51,9 +51,10 @@ ACK_FLUSH_TIMEOUT_S = 5.0
 # reconnect backoff start over (a message that makes the broker or the
 # decoder close it at once must not make a 0.5 s reconnect storm).
 HEALTHY_CONNECTION_S = 10.0
-# Room left in a frame for alertd's own headers and the other properties
-# when a producer's headers are copied onto a republished message.
-PROPERTIES_ROOM_BYTES = 4096
+# Room kept in a content-header frame for the properties other than the
+# headers (content type, ids of at most 255 bytes each, timestamp...) when a
+# producer's headers are copied onto a republished message.
+PROPERTIES_ROOM_BYTES = 1024
 DROPPED_HEADERS_HEADER = "x-alertd-dropped-headers"
 ORIGINAL_MESSAGE_ID_HEADER = "x-alertd-message-id"
 
@@ -547,14 +548,18 @@ def _republished(message: aiormq.abc.DeliveredMessage, extra_headers: dict[str, 
     take each other's return, and an unroutable copy count as confirmed.
     """
     props = message.header.properties
+    producer = props.headers or {}
     ours = dict(extra_headers)
-    if props.message_id:
-        ours[ORIGINAL_MESSAGE_ID_HEADER] = props.message_id
-    headers = {**(props.headers or {}), **ours}
+    # The producer's id: set on the first copy, kept on the next ones.
+    original_id = producer.get(ORIGINAL_MESSAGE_ID_HEADER) or props.message_id
+    if original_id:
+        ours[ORIGINAL_MESSAGE_ID_HEADER] = original_id
+    headers = {**producer, **ours}
     try:
-        room = frame_max - PROPERTIES_ROOM_BYTES - len(encode.field_table(ours))
-        if len(encode.field_table(props.headers or {})) > room:
-            raise ValueError(f"over {room} bytes with alertd's")
+        if producer:
+            room = frame_max - PROPERTIES_ROOM_BYTES - len(encode.field_table(ours))
+            if len(encode.field_table(producer)) > room:
+                raise ValueError(f"over {room} bytes with alertd's")
     except (TypeError, ValueError, OverflowError, UnicodeError) as exc:
         headers = {**ours, DROPPED_HEADERS_HEADER: f"cannot copy the producer's headers: "
                                                    f"{type(exc).__name__}: {exc}"[:300]}

@@ -64,12 +64,22 @@ def _short_str(original: Decoder) -> Decoder:
 
 
 def _field_table(value: bytes) -> tuple[int, Any]:
-    """pamqp's ``field_table``, keys decoded with replacement characters."""
+    """pamqp's ``field_table``, keys decoded with replacement characters.
+
+    A table nested deeper than the stack (a few hundred levels, some KB)
+    makes the recursive decoding raise RecursionError, which nothing between
+    pamqp and aiormq's reader catches: the innermost table that sees it is
+    kept empty instead (its length prefix says where it ends), and decoding
+    goes on.
+    """
     try:
         length = common.Struct.integer.unpack(value[0:4])[0]
-        offset = 4
-        data: dict[str, Any] = {}
-        end = offset + length
+    except (struct.error, TypeError) as err:
+        raise ValueError("Could not unpack data") from err
+    offset = 4
+    end = offset + length
+    data: dict[str, Any] = {}
+    try:
         if end > len(value):
             raise ValueError("Field table length exceeds available data")
         while offset < end:
@@ -83,5 +93,7 @@ def _field_table(value: bytes) -> tuple[int, Any]:
             offset += consumed
             data[key] = result
         return end, data
+    except RecursionError:
+        return end, {}
     except (struct.error, TypeError) as err:
         raise ValueError("Could not unpack data") from err

@@ -227,3 +227,48 @@ async def test_a_delivery_waiting_for_a_slot_when_the_stop_comes_is_handed_back_
         await consumer.stop_consuming()
     await asyncio.wait_for(waiting, 5)
     assert handled == [] and settled == [Requeue()]
+
+
+def test_a_table_nested_deeper_than_the_stack_decodes_without_raising() -> None:
+    from pamqp import decode
+
+    from alertd.adapters.amqpcodec import make_decoding_lenient
+
+    make_decoding_lenient()
+    table = (0).to_bytes(4, "big")  # {}
+    for _ in range(3000):  # RecursionError at ~500 levels before
+        entry = bytes([1]) + b"a" + b"F" + table
+        table = len(entry).to_bytes(4, "big") + entry
+    outer = {"deep": None, "after": 1}
+    entry = bytes([4]) + b"deep" + b"F" + table + bytes([5]) + b"after" + b"b\x01"
+    consumed, decoded = decode.field_table(len(entry).to_bytes(4, "big") + entry)
+    assert consumed == 4 + len(entry)
+    assert decoded.keys() == outer.keys() and decoded["after"] == 1
+
+
+class _Props:
+    def __init__(self, headers: dict[str, object] | None, message_id: str | None) -> None:
+        self.headers, self.message_id = headers, message_id
+        self.content_type = self.correlation_id = self.app_id = None
+        self.timestamp = None
+
+
+class _Message:
+    def __init__(self, headers: dict[str, object] | None, message_id: str | None) -> None:
+        self.header = type("Header", (), {"properties": _Props(headers, message_id)})()
+
+
+def test_every_copy_keeps_the_producers_message_id_and_small_frames_keep_headers() -> None:
+    from alertd.adapters.amqp import _republished
+
+    first = _republished(_Message({"p": 1}, "producer-42"), {"x-alertd-attempt": 2},
+                         131072)  # type: ignore[arg-type]
+    again = _republished(_Message(first.headers, first.message_id), {"x-alertd-attempt": 3},
+                         131072)  # type: ignore[arg-type]
+    assert first.headers[ORIGINAL_MESSAGE_ID_HEADER] == "producer-42"
+    assert again.headers[ORIGINAL_MESSAGE_ID_HEADER] == "producer-42"
+    assert again.message_id not in (first.message_id, "producer-42")
+    # RabbitMQ's smallest frame_max: nothing to drop when the producer sent no headers.
+    small = _republished(_Message(None, None), {"x-alertd-reason": "x"},
+                         4096)  # type: ignore[arg-type]
+    assert DROPPED_HEADERS_HEADER not in small.headers
