@@ -551,7 +551,9 @@ def _republished(message: aiormq.abc.DeliveredMessage, extra_headers: dict[str, 
     producer = props.headers or {}
     ours = dict(extra_headers)
     # The producer's id: set on the first copy, kept on the next ones.
-    original_id = producer.get(ORIGINAL_MESSAGE_ID_HEADER) or props.message_id
+    original_id = producer.get(ORIGINAL_MESSAGE_ID_HEADER)
+    if not isinstance(original_id, str) or len(original_id) > 255:  # ours, or a producer's
+        original_id = props.message_id
     if original_id:
         ours[ORIGINAL_MESSAGE_ID_HEADER] = original_id
     headers = {**producer, **ours}

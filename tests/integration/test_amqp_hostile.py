@@ -268,6 +268,10 @@ def test_every_copy_keeps_the_producers_message_id_and_small_frames_keep_headers
     assert first.headers[ORIGINAL_MESSAGE_ID_HEADER] == "producer-42"
     assert again.headers[ORIGINAL_MESSAGE_ID_HEADER] == "producer-42"
     assert again.message_id not in (first.message_id, "producer-42")
+    # A producer's own x-alertd-message-id of another type cannot break the copy.
+    odd = _republished(_Message({ORIGINAL_MESSAGE_ID_HEADER: {"a": 1}}, "m-7"), {},
+                       131072)  # type: ignore[arg-type]
+    assert odd.headers[ORIGINAL_MESSAGE_ID_HEADER] == "m-7"
     # RabbitMQ's smallest frame_max: nothing to drop when the producer sent no headers.
     small = _republished(_Message(None, None), {"x-alertd-reason": "x"},
                          4096)  # type: ignore[arg-type]
