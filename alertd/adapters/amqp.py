@@ -240,6 +240,7 @@ class AmqpConsumer:
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._publisher_connection: aiormq.abc.AbstractConnection | None = None
         self._consumer_tag: str | None = None
         self._acks: AckBatcher | None = None
 
@@ -487,11 +488,27 @@ class AmqpConsumer:
         return int(getattr(tune, "frame_max", 0) or 131072)
 
     async def _publisher_channel(self) -> aiormq.abc.AbstractChannel:
-        """A confirm-mode channel for republishing, apart from the consuming one."""
+        """A confirm-mode channel for republishing, on a connection of its own.
+
+        Of its own because RabbitMQ blocks a connection that publishes during
+        a memory or disk alarm, reading nothing more from it: on the
+        consuming connection one retry would stop every ack of the child
+        until the alarm clears. This way the child keeps acking (which frees
+        the broker's memory) while its retries and dead letters wait for
+        the alarm to end, each in its slot.
+        """
         if self._publisher is None or self._publisher.is_closed:
             if self._connection is None or self._connection.is_closed:
                 raise ConnectionError("no broker connection to publish on")
-            self._publisher = await self._connection.channel(publisher_confirms=True)
+            async with asyncio.timeout(self._settings.connect_timeout):
+                connection = self._publisher_connection
+                if connection is None or connection.is_closed:
+                    connection = self._publisher_connection = await aiormq.connect(
+                        amqp_url(self._settings), client_properties={
+                            "connection_name": f"{self._name} pid {os.getpid()} publisher"})
+                self._publisher = await connection.channel(publisher_confirms=True)
+        if self._publisher_connection is not None:
+            await self._publisher_connection.ready()  # not blocked by an alarm
         return self._publisher
 
     async def stop_consuming(self) -> None:
@@ -522,6 +539,10 @@ class AmqpConsumer:
         self._consumer_tag = None  # it named a consumer on the channel just dropped
         acks, self._acks = self._acks, None
         self._publisher = None
+        publisher, self._publisher_connection = self._publisher_connection, None
+        if publisher is not None and not publisher.is_closed:
+            with contextlib.suppress(*AMQP_FAILURES):
+                await asyncio.wait_for(publisher.close(), 5)
         if connection is not None and not connection.is_closed:
             if acks is not None and not acks.channel.is_closed:
                 # Acks are queued, not waited for: send them before the close
