@@ -22,8 +22,11 @@ AMQP_HOST = os.environ.get("ALERTD_TEST_AMQP_HOST", "127.0.0.1:5672")
 PG_ADMIN_DSN = os.environ.get("ALERTD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS``; its output, stripped (a failure raises)."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True,
+                          text=True, timeout=120)
+    return done.stdout.strip()
 
 
 def amqp_url_for(vhost: str) -> str:
@@ -36,8 +39,8 @@ def dsn_for(dbname: str) -> str:
 
 
 def create_vhost(name: str) -> str:
-    _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     return amqp_url_for(name)
 
 

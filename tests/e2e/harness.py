@@ -35,6 +35,7 @@ from alertd.config import Settings
 from alertd.errors import AlertdError
 from alertd.publish import publish_bodies
 from alertd.statusclient import fetch_status
+from tests.conftest import rabbitmqctl
 from tests.servers import ClipServer, Reply, SeenRequest, WebhookSink
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
@@ -231,8 +232,7 @@ def vhost_of(amqp_url: str) -> str:
 
 def close_broker_connections(amqp_url: str, why: str) -> None:
     """Make the broker close every connection of the URL's vhost, as an outage would."""
-    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost_of(amqp_url), why],
-                   check=True, capture_output=True, timeout=60)
+    rabbitmqctl("close_all_connections", "-p", vhost_of(amqp_url), why)
 
 
 def queue_counts(amqp_url: str, queue: str = "alerts") -> dict[str, int]:

@@ -13,7 +13,7 @@ import orjson
 import psycopg
 import pytest
 
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import PG_ADMIN_DSN, rabbitmqctl
 from tests.e2e.faults import Run, run_with_fault
 from tests.e2e.harness import (
     Alertd,
@@ -40,10 +40,6 @@ def via_proxy(url: str, proxy: FaultProxy) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{proxy.port}"
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
 
 
 def test_children_sigkilled_repeatedly_under_load_lose_and_duplicate_nothing(

@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from alertd.adapters.amqp import AmqpConsumer
 from alertd.config import Settings
 from alertd.handler import Ack, Disposition, InboundMessage, Retry
-from alertd.stats import ChildStats
+from tests.conftest import rabbitmqctl
 from tests.e2e.harness import publish, vhost_of, wait_until
+from tests.integration.consumer import running_consumer
 
 pytestmark = pytest.mark.integration
-
-
-def rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
-                          timeout=60, check=True)
-    return done.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -71,11 +64,8 @@ async def test_a_retry_during_a_memory_alarm_does_not_hold_back_the_acks_of_othe
         await acks_may_go.wait()
         return Ack()
 
-    consumer = AmqpConsumer(Settings(amqp_url=fresh_vhost, dsn="postgresql://unused",
-                                     concurrency=4), handler, ChildStats())
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(consumer.consuming.wait(), 10)
+    settings = Settings(amqp_url=fresh_vhost, dsn="postgresql://unused", concurrency=4)
+    async with running_consumer(settings, handler):
         await asyncio.to_thread(publish, fresh_vhost, [b'{"alert_id": "retry"}'] + [
             b'{"alert_id": "a%d"}' % i for i in range(3)])
         await asyncio.to_thread(wait_until, lambda: unacked(fresh_vhost) == 4, 30,
@@ -91,9 +81,3 @@ async def test_a_retry_during_a_memory_alarm_does_not_hold_back_the_acks_of_othe
                                     "the three acks through while the alarm lasts")
         await asyncio.to_thread(wait_until, lambda: unacked(fresh_vhost) == 0, 30,
                                 "the retry published and acked once the alarm cleared")
-    finally:
-        await consumer.stop_consuming()
-        await consumer.drain(5)
-        await consumer.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

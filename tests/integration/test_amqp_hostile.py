@@ -30,6 +30,7 @@ from alertd.config import Settings
 from alertd.handler import Ack, DeadLetter, Disposition, InboundMessage, Requeue, Retry
 from alertd.stats import ChildStats
 from tests.e2e.harness import queue_counts, wait_until
+from tests.integration.consumer import running_consumer
 
 pytestmark = pytest.mark.integration
 
@@ -72,20 +73,10 @@ async def running(amqp_url: str, decide: Callable[[InboundMessage], Disposition]
         seen.append(message)
         return decide(message)
 
-    stats = ChildStats()
-    consumer = AmqpConsumer(Settings(amqp_url=amqp_url, dsn="postgresql://unused",
-                                     concurrency=4, max_attempts=3, retry_delay=60.0),
-                            handler, stats)
-    task = asyncio.create_task(consumer.run())
-    try:
-        await asyncio.wait_for(consumer.consuming.wait(), 10)
+    settings = Settings(amqp_url=amqp_url, dsn="postgresql://unused", concurrency=4,
+                        max_attempts=3, retry_delay=60.0)
+    async with running_consumer(settings, handler) as (_, stats):
         yield seen, stats
-    finally:
-        await consumer.stop_consuming()
-        await consumer.drain(5)
-        await consumer.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def reconnects(stats: ChildStats) -> int:
