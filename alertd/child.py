@@ -20,6 +20,7 @@ from alertd.config import Settings
 from alertd.errors import ConfigError, StoreUnavailable
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_RECYCLED
 from alertd.handle import reopen_log_files
+from alertd.heap import keep_freed_memory
 from alertd.outbox import OutboxDispatcher
 from alertd.stats import ChildStats
 
@@ -101,6 +102,8 @@ class Child:
 
     def run(self) -> int:
         """Run on a fresh uvloop loop; returns the process exit code."""
+        # Every download allocates and frees the same body buffers.
+        keep_freed_memory()
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(self.serve())
 

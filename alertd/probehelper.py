@@ -30,6 +30,7 @@ from av.video.stream import VideoStream
 from alertd.adapters.ffprobe import ACCEPTED_FORMATS
 from alertd.adapters.pyav import FRAME_HEADER, MAX_FRAME_BYTES
 from alertd.errors import ErrorCode
+from alertd.heap import keep_freed_memory
 
 Reply = dict[str, Any]
 ProbeFunction = Callable[[str], Reply]
@@ -175,6 +176,8 @@ def main(probe: ProbeFunction = probe_path) -> None:
     # A crash is an expected outcome here (hostile input) and is reported by
     # the parent; a core file per crafted clip would only fill the disk.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # libav allocates and frees the same frame buffers on every probe.
+    keep_freed_memory()
     # The frames get a private copy of stdout; fd 1 then points at stderr, so
     # anything a library prints cannot corrupt them.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

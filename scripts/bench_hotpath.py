@@ -45,6 +45,7 @@ from alertd.adapters.postgres import PostgresStore, open_pool  # noqa: E402
 from alertd.adapters.pyav import PyAVProber  # noqa: E402
 from alertd.adapters.webhook import HttpWebhookSender  # noqa: E402
 from alertd.domain import Alert, Outcome, webhook_event  # noqa: E402
+from alertd.heap import keep_freed_memory  # noqa: E402
 from alertd.netguard import AddressGuard  # noqa: E402
 from alertd.ports import AttemptRecord, DeliveryResult  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(Path(sys.executable).with_name("alertd")), "db", "migrate",
                         "--dsn", dsn], check=True, capture_output=True, timeout=120)
         port = free_port()
+        keep_freed_memory()  # as alertd's children do (alertd/heap.py)
         with server(port, clip):
             rows = uvloop.run(measure(clip, port, dsn, args.calls))
     finally:

@@ -17,3 +17,8 @@ def is_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def minor_faults(pid: int) -> int:
+    """Page faults the process has taken that needed no disk read (``minflt`` in /proc/pid/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
