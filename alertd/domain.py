@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import enum
 import functools
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,12 @@ MAX_JSON_DEPTH = 32
 # would be echoed back changed. Only attributes holding a float that far out
 # (rare) are read again, exactly, to tell such an integer from a real float.
 _INT_RANGE = (-(2**63), 2**64)
-_LEAP_SECOND = re.compile(r"[Tt]\d\d:\d\d:(60)(?:[.,]\d+)?(?:[+-]|Z|$)")
+# RFC 3339 section 5.6 date-time (a space for the T, as its note allows);
+# datetime.fromisoformat alone takes many ISO 8601 forms RFC 3339 does not.
+_RFC3339 = re.compile(
+    r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d):(\d\d)(\.\d{1,6})?\d*([Zz]|[+-]\d\d:\d\d)",
+    re.ASCII,
+)
 
 JSON = dict[str, Any]
 
@@ -176,16 +183,19 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
         raise InvalidMessage(f"not_utf8: {exc.reason} at byte {exc.start}") from None
     try:
         doc = orjson.loads(text)
+        beyond_orjson = False
     except orjson.JSONDecodeError as exc:
-        raise InvalidMessage(f"invalid_json: {exc.msg} at char {exc.pos}") from None
+        doc = _loads_beyond_orjson(text, exc)
+        beyond_orjson = True
     if not isinstance(doc, dict):
         raise InvalidMessage(f"not_an_object: body is a JSON {_json_type(doc)}")
-    # Depth counts the leaves, so deeper than MAX_JSON_DEPTH needs at least
-    # MAX_JSON_DEPTH brackets; counting them (C speed) spares walking every
-    # ordinary alert.
-    if (body.count(b"{") + body.count(b"[") >= MAX_JSON_DEPTH
+    # Deeper than MAX_JSON_DEPTH needs more than MAX_JSON_DEPTH brackets;
+    # counting them (C speed) spares walking every ordinary alert.
+    if (body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH
             and _depth(doc) > MAX_JSON_DEPTH):
         raise InvalidMessage(f"too_deep: nesting deeper than {MAX_JSON_DEPTH}")
+    if beyond_orjson:
+        _check_beyond_orjson(doc)
 
     alert_id = doc.get("alert_id")
     if not isinstance(alert_id, str):
@@ -226,9 +236,7 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
 
     if attributes and _has_far_float(attributes) and _has_wide_int(
             json.loads(text).get("attributes")):
-        raise InvalidMessage("invalid_field: attributes has an integer outside the 64-bit "
-                             "range, which would not be echoed back unchanged (send it as "
-                             "a string)")
+        raise InvalidMessage(_WIDE_INT)
 
     return Alert(
         alert_id=alert_id,
@@ -238,6 +246,68 @@ def parse_alert(body: bytes, *, default_webhook_url: str | None) -> Alert:
         source=source,
         attributes=attributes,
     )
+
+
+def _loads_beyond_orjson(text: str, error: orjson.JSONDecodeError) -> Any:
+    """Valid JSON that orjson refuses: a number beyond a double (``1e400``, a
+    400-digit integer), a lone surrogate escape (``"\\ud800"``), nesting past
+    orjson's 1024 levels. Read with the standard library, so that an unknown
+    field holding one is ignored as the contract says, and a known one gets
+    ``invalid_field`` (:func:`_check_beyond_orjson`), not ``invalid_json``.
+    Only bodies orjson refused come here."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # not JSON (or an integer past 4300 digits)
+        raise InvalidMessage(f"invalid_json: {error.msg} at char {error.pos}") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_beyond_orjson(doc: dict[str, Any]) -> None:
+    """The fields alertd keeps must hold only what it can store and send back."""
+    for key in _STORED_FIELDS:
+        if _has_surrogate(doc.get(key)):
+            raise InvalidMessage(f"invalid_field: {key} has a lone surrogate escape "
+                                 "(\\ud800-\\udfff without its pair), which is not text")
+    attributes = doc.get("attributes")
+    if not isinstance(attributes, dict):
+        return  # absent, null, or the wrong type: parse_alert says which
+    if _has_wide_int(attributes):
+        raise InvalidMessage(_WIDE_INT)
+    if _has_infinite_float(attributes):
+        raise InvalidMessage("invalid_field: attributes has a number beyond a double's "
+                             "range, which would not be echoed back unchanged (send it as "
+                             "a string)")
+
+
+_WIDE_INT = ("invalid_field: attributes has an integer outside the 64-bit range, which would "
+             "not be echoed back unchanged (send it as a string)")
+_STORED_FIELDS = ("alert_id", "video_url", "webhook_url", "occurred_at", "source", "attributes")
+
+
+def _has_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(key) or _has_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(item) for item in value)
+    return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_infinite_float(value: object) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_infinite_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_infinite_float(item) for item in value)
+    return False
 
 
 def _has_nul(value: object) -> bool:
@@ -295,7 +365,9 @@ def _http_url(doc: JSON, key: str, *, required: bool) -> str | None:
     return value
 
 
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, and any space (U+0020, NBSP, ...): none may appear
+# unencoded in a URL (RFC 3986); aiohttp would quietly re-encode some of them.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -304,7 +376,7 @@ def _url_problem(value: str) -> str:
     of a producer name the same webhook URL (at most 1024 x MAX_URL_LEN
     characters: ~16 MiB per child in the worst case of 4-byte characters)."""
     if _CONTROL_CHARACTER.search(value):
-        return "has control characters (they must be percent-encoded)"
+        return "has spaces or control characters (they must be percent-encoded)"
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises ValueError on a port out of range
@@ -320,22 +392,33 @@ def _url_problem(value: str) -> str:
 def _rfc3339(value: object) -> dt.datetime:
     if not isinstance(value, str):
         raise InvalidMessage(_field_problem("occurred_at", value, "an RFC 3339 string"))
-    text = value.replace("z", "Z")
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    # RFC 3339 allows a leap second (23:59:60), which datetime cannot hold:
-    # it is read as the second after 23:59:59, as PostgreSQL does.
-    leap = _LEAP_SECOND.search(text) if ":60" in text else None
-    if leap:
-        text = text[:leap.start(1)] + "59" + text[leap.end(1):]
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise InvalidMessage(
+            "invalid_field: occurred_at is not RFC 3339 (YYYY-MM-DDTHH:MM:SS[.frac] "
+            "and Z or +HH:MM)"
+        )
+    day, hour_minute, second, fraction, offset = match.groups()
+    if offset in ("Z", "z"):
+        offset = "+00:00"
+    # RFC 3339 allows a leap second (23:59:60 UTC), which datetime cannot
+    # hold: it is read as the second after 23:59:59, as PostgreSQL does.
+    leap = second == "60"
+    text = f"{day}T{hour_minute}:{'59' if leap else second}{fraction or ''}{offset}"
     try:
         parsed = dt.datetime.fromisoformat(text)
-        if leap:
+    except ValueError:
+        raise InvalidMessage("invalid_field: occurred_at is not a valid date and time") from None
+    if leap:
+        try:
+            utc = parsed.astimezone(dt.UTC)
             parsed += dt.timedelta(seconds=1)
-    except (ValueError, OverflowError):  # Overflow: a leap second at the end of 9999
-        raise InvalidMessage("invalid_field: occurred_at is not RFC 3339") from None
-    if "T" not in value.upper() or parsed.tzinfo is None:
-        raise InvalidMessage("invalid_field: occurred_at needs a date, a time and an offset")
+        except OverflowError:  # past the end of year 9999
+            raise InvalidMessage("invalid_field: occurred_at is past year 9999") from None
+        last_day = calendar.monthrange(utc.year, utc.month)[1]
+        if (utc.day, utc.hour, utc.minute) != (last_day, 23, 59):
+            raise InvalidMessage("invalid_field: occurred_at has second 60 outside a leap "
+                                 "second (23:59:60 UTC on the last day of a month)")
     return parsed
 
 
@@ -353,16 +436,20 @@ def _json_type(value: object) -> str:
 
 
 def _depth(value: object) -> int:
-    """Nesting depth, iteratively so a hostile document cannot blow the stack."""
+    """Nesting depth: objects and arrays, the body being 1 (values inside add no
+    level). Iterative, so a hostile document cannot blow the stack."""
     deepest = 0
     stack: list[tuple[object, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
         deepest = max(deepest, depth)
         if depth > MAX_JSON_DEPTH:
             return depth
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, depth + 1) for child in node)
+        stack.extend((child, depth + 1) for child in children)
     return deepest
