@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -47,12 +48,27 @@ _MAX_REASON_CHARS = 300
 
 
 def helper_command() -> tuple[str, ...]:
-    """The default helper: this interpreter running ``alertd.probehelper``."""
-    return (sys.executable, "-m", "alertd.probehelper")
+    """The default helper: this interpreter running ``alertd.probehelper``.
+
+    ``-P``: the working directory is not put on ``sys.path``, so an ``av.py``
+    or ``alertd/`` in the directory alertd was started from is never imported.
+    """
+    return (sys.executable, "-P", "-m", "alertd.probehelper")
 
 
 class _HelperGone(Exception):
     """The helper closed its pipes: it died, or is dying."""
+
+
+class HelperStartFailed(TransientError):
+    """A helper did not start. ``lasting`` when starting again cannot help: it
+    exited on its own (PyAV missing or broken), its command cannot be run, or it
+    does not speak the protocol. Otherwise (killed, by the OOM killer say; not
+    ready in time; fork refused for lack of memory) a later start may succeed."""
+
+    def __init__(self, cause: str, *, lasting: bool) -> None:
+        super().__init__(ErrorCode.PROBE_CRASHED, f"pyav helper did not start: {cause}")
+        self.lasting = lasting
 
 
 class PyAVProber:
@@ -96,18 +112,23 @@ class PyAVProber:
     async def open(self) -> None:
         """Start every helper and wait until each has loaded libav.
 
-        Raises ``ConfigError`` when one cannot start (PyAV missing, a broken
-        install): a child that cannot probe should not start consuming.
+        A child that cannot probe should not start consuming. Raises
+        ``ConfigError`` when a helper can never start (PyAV missing, a broken
+        install), and ``HelperStartFailed`` when this start failed but a later
+        one may not (a helper OOM-killed while loading libav): the child then
+        exits as crashed and is restarted with backoff, where a config error
+        would halt the master for good.
         """
         started = await asyncio.gather(
             *(self._start_helper() for _ in range(self._size)), return_exceptions=True
         )
-        failure = next((r for r in started if isinstance(r, BaseException)), None)
-        if failure is not None:
+        failures = [r for r in started if isinstance(r, BaseException)]
+        if failures:
             await self.close()
-            if isinstance(failure, TransientError):
-                raise ConfigError(f"prober: {failure.message}") from None
-            raise failure
+            lasting = [f for f in failures if isinstance(f, HelperStartFailed) and f.lasting]
+            if lasting:
+                raise ConfigError(f"prober: {lasting[0].message}") from None
+            raise failures[0]
         for helper in started:
             assert isinstance(helper, _Helper)
             self._slots.put_nowait(helper)
@@ -170,8 +191,10 @@ class PyAVProber:
                 env=environment_without_settings(),
             )
         except OSError as exc:
-            raise TransientError(
-                ErrorCode.PROBE_CRASHED, f"cannot start pyav helper: {exc.strerror or exc}"
+            # ENOENT, EACCES: the command is wrong. EAGAIN, ENOMEM: for now.
+            raise HelperStartFailed(
+                f"cannot run {self._command[0]}: {exc.strerror or exc}",
+                lasting=exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR),
             ) from None
         helper = _Helper(process)
         self._live.add(helper)
@@ -209,21 +232,20 @@ class _Helper:
         return self.running and not self._stdout.at_eof()
 
     async def wait_ready(self, within_s: float) -> None:
-        """Wait for the helper's ready frame; ``TransientError`` if it never comes."""
+        """Wait for the helper's ready frame; ``HelperStartFailed`` if it never comes."""
         try:
             async with asyncio.timeout(within_s):
                 hello = await self._receive()
         except TimeoutError:
-            cause = f"not ready after {within_s:g}s"
+            raise HelperStartFailed(f"not ready after {within_s:g}s", lasting=False) from None
         except _HelperGone:
             cause = await self.death_cause()
+            # Killed by a signal: not its own doing. Exited: it refused to run.
+            raise HelperStartFailed(cause, lasting=(self._process.returncode or 0) >= 0) from None
         except PermanentError as exc:
-            cause = exc.message
-        else:
-            if hello.get("ready") is True:
-                return
-            cause = "its first frame was not a ready frame"
-        raise TransientError(ErrorCode.PROBE_CRASHED, f"pyav helper did not start: {cause}")
+            raise HelperStartFailed(exc.message, lasting=True) from None
+        if hello.get("ready") is not True:
+            raise HelperStartFailed("its first frame was not a ready frame", lasting=True)
 
     async def ask(self, path: str, within_s: float) -> Mapping[str, Any]:
         """Send one path, return the reply; on any failure the helper is killed and reaped."""

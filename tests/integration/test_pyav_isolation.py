@@ -353,3 +353,42 @@ async def test_a_helper_reuses_its_memory_from_one_probe_to_the_next(
         per_probe = (minor_faults(pid) - before) / 20
 
     assert per_probe < 20
+
+
+@pytest.mark.parametrize("command", [
+    ("sh", "-c", "kill -9 $$"),  # the OOM killer, while libav loads
+    (sys.executable, "-c", "import time; time.sleep(30)"),  # never ready in time
+])
+async def test_a_helper_start_that_may_succeed_later_is_not_a_config_error(
+    command: tuple[str, ...],
+) -> None:
+    # A ConfigError makes the child exit 3 and the master halt for good
+    # (systemd's RestartPreventExitStatus=3): only for what cannot heal.
+    pool = PyAVProber(timeout=5, size=2, command=command, start_timeout=1)
+
+    with pytest.raises(TransientError, match="did not start") as raised:
+        await pool.open()
+    assert not isinstance(raised.value, ConfigError)
+    assert pool.helper_pids() == ()
+
+
+@pytest.mark.parametrize("command", [
+    ("/nonexistent/python", "-m", "alertd.probehelper"),  # a wrong command
+    (sys.executable, "-c", "import sys; sys.stdout.buffer.write(b'not a frame')"),
+])
+async def test_a_helper_that_can_never_start_is_a_config_error(command: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError, match="did not start"):
+        await PyAVProber(timeout=5, size=1, command=command, start_timeout=5).open()
+
+
+async def test_helpers_never_import_code_from_the_working_directory(
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    planted = tmp_path / "planted"
+    (tmp_path / "av.py").write_text(f"open({str(planted)!r}, 'w').close()\nraise SystemExit(9)\n")
+    monkeypatch.chdir(tmp_path)
+
+    async with PyAVProber(timeout=10, size=1) as prober:
+        metadata = await prober.probe(str(clips["mp4"]))
+
+    assert metadata["video"] is not None and not planted.exists()
