@@ -24,6 +24,10 @@ class Aggregate:
         self.hist_counts: dict[str, list[int]] = {}
         self.hist_sums: dict[str, float] = {}
         self.restarts = 0
+        # The same restarts by child slot (index). A slot the fleet no longer
+        # has (TTOU, autoscale down, a HUP with fewer workers) is dropped by
+        # slot_gone, so a slot added later starts from 0; ``restarts`` keeps all.
+        self.slot_restarts: Counter[int] = Counter()
         self.hung = 0
         self.scaling: Counter[str] = Counter()  # autoscale decisions: "up", "down"
         self.cpu_s = 0.0
@@ -74,8 +78,15 @@ class Aggregate:
         values = [g[name] for g in self.gauges.values() if name in g]
         return max(values) if values else None
 
-    def count_restart(self) -> None:
+    def count_restart(self, index: int) -> None:
+        """Child slot ``index`` lost its process to an unplanned exit (a crash, a
+        hang kill) and gets a new one; planned exits (recycles, reloads, TTOU,
+        stops) are not restarts."""
         self.restarts += 1
+        self.slot_restarts[index] += 1
+
+    def slot_gone(self, index: int) -> None:
+        self.slot_restarts.pop(index, None)
 
     def count_hung(self) -> None:
         self.hung += 1

@@ -273,7 +273,7 @@ class Arbiter:
                       sum(c.state == "consuming" for c in self.children.values()))
         if planned or code == EXIT_RECYCLED:
             return
-        self.aggregate.count_restart()
+        self.aggregate.count_restart(child.index)
         if child.consumed_for() >= STABLE_AFTER_S:
             self._failures[child.index] = 0
         failures = self._failures.get(child.index, 0) + 1
@@ -337,7 +337,16 @@ class Arbiter:
             for child in active:
                 if child.index >= self.num_workers:
                     self.retire(child)
+        self._forget_gone_slots()
         self._roll_over(active)
+
+    def _forget_gone_slots(self) -> None:
+        """A slot beyond the fleet's size whose last child has exited is gone: its
+        restart count goes with it, so a slot the fleet grows into later starts at 0."""
+        held = {c.index for c in self.children.values()}
+        for index in list(self.aggregate.slot_restarts):
+            if index >= self.num_workers and index not in held:
+                self.aggregate.slot_gone(index)
 
     def _roll_over(self, active: list[ChildHandle]) -> None:
         """HUP: one child at a time, the new one consuming before the old one drains."""

@@ -36,8 +36,8 @@ def render_status(doc: dict[str, Any]) -> str:
         f"{doc['workers']} children x {doc['concurrency']} slots, "
         f"{doc['processed']} processed, {doc['failed']} failed, {doc['restarts']} restarts"
         + (f", stopping ({doc['stopping']})" if doc.get("stopping") else ""),
-        f"{'CHILD':>5} {'PID':>7} {'STATE':<10} {'AGE':>7} {'RSS MB':>7} {'LAG ms':>7} "
-        f"{'PROCESSED':>9} {'FAILED':>6}",
+        f"{'CHILD':>5} {'PID':>7} {'STATE':<10} {'AGE':>7} {'RESTARTS':>8} {'RSS MB':>7} "
+        f"{'LAG ms':>7} {'PROCESSED':>9} {'FAILED':>6}",
     ]
     scaling = doc.get("autoscale")
     if scaling:
@@ -47,8 +47,9 @@ def render_status(doc: dict[str, Any]) -> str:
     for c in doc["children"]:
         lines.append(
             f"{c['index']:>5} {c['pid']:>7} {c['state'] + ('*' if c['retiring'] else ''):<10} "
-            f"{c['age_s']:>6.0f}s {c['rss_bytes'] / 1e6:>7.1f} {c['loop_lag_s'] * 1000:>7.1f} "
-            f"{c['processed']:>9} {c['failed']:>6}")
+            # A master started before per-child restarts has no such field: "-".
+            f"{c['age_s']:>6.0f}s {c.get('restarts', '-'):>8} {c['rss_bytes'] / 1e6:>7.1f} "
+            f"{c['loop_lag_s'] * 1000:>7.1f} {c['processed']:>9} {c['failed']:>6}")
         for slot in c["slots"]:
             lines.append(f"{'':>14}slot: {slot['alert_id'] or '-'} {slot['stage']} "
                          f"{slot['elapsed_s']:.1f}s")

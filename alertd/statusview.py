@@ -107,6 +107,8 @@ def status_document(arbiter: Arbiter) -> dict[str, Any]:
             "index": child.index, "pid": child.pid, "state": child.state,
             "generation": child.generation, "age_s": round(now - child.started, 1),
             "retiring": child.retiring,
+            # Per slot: a HUP successor shows the count of the child it replaces.
+            "restarts": arbiter.aggregate.slot_restarts[child.index],
             "concurrency": report.get("concurrency"),
             "rss_bytes": report.get("rss_bytes", 0),
             "loop_lag_s": report.get("loop_lag_s", 0.0),

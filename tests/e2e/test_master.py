@@ -139,6 +139,7 @@ def test_a_child_killed_with_alerts_in_flight_is_replaced_and_each_alert_is_stor
         doc = proc.status()
         assert doc is not None and doc["restarts"] == 1 and doc["processed"] >= len(ids)
         assert replaced in {c["pid"] for c in doc["children"]}
+        assert {c["index"]: c["restarts"] for c in doc["children"]} == {0: 1, 1: 0}, doc
         stopped_and_drained(proc, fresh_vhost)
 
 
@@ -171,6 +172,7 @@ def test_a_stopped_child_is_killed_as_hung_and_its_alerts_are_redelivered_and_co
             os.kill(victim, 0)  # gone and reaped, not a zombie
         doc = proc.status()
         assert doc is not None and doc["hung"] == 1 and doc["restarts"] == 1
+        assert {c["index"]: c["restarts"] for c in doc["children"]} == {0: 1, 1: 0}, doc
         metrics = metric_values(port)
         assert metrics["alertd_child_hung_total"] == 1
         # The other child finished its own alerts; the stopped one's came back.

@@ -168,3 +168,12 @@ def test_the_backlog_gauge_is_the_largest_a_live_child_reports_and_leaves_with_i
     assert agg.gauge_max("outbox_backlog") == 4
     agg.child_gone(1)
     assert agg.gauge_max("outbox_backlog") is None
+
+
+def test_restarts_are_counted_per_slot_and_a_gone_slot_leaves_the_fleet_total() -> None:
+    agg = Aggregate()
+    for index in (0, 1, 0):
+        agg.count_restart(index)
+    assert agg.restarts == 3 and agg.slot_restarts == {0: 2, 1: 1}
+    agg.slot_gone(1)
+    assert agg.restarts == 3 and agg.slot_restarts == {0: 2}

@@ -16,10 +16,11 @@ import pytest
 
 from alertd import sdnotify
 from alertd.config import Settings
-from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_RECYCLED
+from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, EXIT_RECYCLED
 from alertd.handle import ChildHandle
 from alertd.master import ROLLOVER_STALL_S, Arbiter, restart_delay
 from alertd.stats import ChildStats
+from alertd.statusview import status_document
 
 
 class Kids:
@@ -295,6 +296,55 @@ def test_a_recycling_child_gets_its_replacement_before_it_has_drained(
     assert [c.index for c in arbiter.spawned] == [0]  # type: ignore[attr-defined]
     arbiter._on_exit(child, EXIT_RECYCLED)
     assert arbiter.aggregate.restarts == 0
+
+
+def restarts_shown(arb: Arbiter) -> list[tuple[int, int]]:
+    """(slot, restarts) per child, as ``alertd status --json`` shows them."""
+    return [(c["index"], c["restarts"]) for c in status_document(arb)["children"]]
+
+
+def test_each_child_shows_its_slots_crashes_and_hang_kills_but_not_recycles_or_reloads(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arb = arbiter_with(kids, monkeypatch, Settings(workers=2, heartbeat_timeout=5))
+    arb._on_exit(kids.make(0), EXIT_CRASH)
+    hung = kids.make(1, state="consuming")
+    arb.children[hung.pid] = hung
+    hung.last_beat = time.monotonic() - 10
+    arb.murder_hung()
+    del arb.children[hung.pid]
+    arb._on_exit(hung, -signal.SIGKILL)
+    arb._on_exit(kids.make(0), EXIT_RECYCLED)
+    reloaded = kids.make(1, state="draining")
+    reloaded.retiring = True  # HUP rollover, TTOU: replaced on purpose
+    arb._on_exit(reloaded, EXIT_OK)
+    arb._not_before.clear()
+    arb.manage_children()
+    assert restarts_shown(arb) == [(0, 1), (1, 1)]
+    assert status_document(arb)["restarts"] == 2
+
+
+def test_a_slot_the_fleet_shrinks_away_forgets_its_restarts_and_starts_at_0_when_regrown(
+    kids: Kids, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arb = arbiter_with(kids, monkeypatch, Settings(workers=2, heartbeat_timeout=5))
+    arb._on_exit(kids.make(0), EXIT_CRASH)
+    arb._on_exit(kids.make(1), EXIT_CRASH)
+    arb._not_before.clear()
+    arb.manage_children()
+    zero, one = arb.spawned  # type: ignore[attr-defined]
+    zero.state = one.state = "consuming"
+    arb.handle_ttou()
+    arb.manage_children()
+    assert one.retiring and restarts_shown(arb) == [(0, 1), (1, 1)]  # still draining
+    del arb.children[one.pid]
+    arb._on_exit(one, EXIT_OK)
+    arb.manage_children()
+    assert restarts_shown(arb) == [(0, 1)]
+    arb.handle_ttin()
+    arb.manage_children()
+    assert restarts_shown(arb) == [(0, 1), (1, 0)]
+    assert arb.aggregate.restarts == 2, "the fleet total keeps the gone slot's restart"
 
 
 def reap_only(arbiter: Arbiter, monkeypatch: pytest.MonkeyPatch, pid: int,
