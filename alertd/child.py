@@ -183,7 +183,7 @@ class Child:
             else:  # a limit meant in MB, given in bytes: the fleet churns through forks
                 log.warning("recycling: RSS %d > %d bytes before a single alert: "
                             "max_memory_per_child (bytes) is below a child's own size, so "
-                            "every child recycles within a second", rss,
+                            "every child will; the master replaces them with backoff", rss,
                             s.max_memory_per_child)
             return True
         return False

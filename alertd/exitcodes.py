@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 EXIT_OK = 0
 """Clean stop: a graceful or fast shutdown finished."""
 
@@ -19,4 +21,13 @@ config instead, and otherwise the others keep serving while it backs off."""
 
 EXIT_RECYCLED = 4
 """A child left on purpose (--max-alerts-per-child / --max-memory-per-child);
-the master replaces it at once, without backoff."""
+the master replaces it at once, without backoff, unless it left before a
+single alert (a memory limit below a child's own size): then with backoff."""
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL for 9; a real-time signal, which has no name of its own, by number."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -123,6 +123,12 @@ class ChildHandle:
         """The child said it is draining on purpose, to exit EXIT_RECYCLED."""
         return bool(self.last_report.get("recycling"))
 
+    @property
+    def processed(self) -> int:
+        """Alerts it has finished (stored or failed), from its last heartbeat."""
+        return sum(int(row[-1]) for row in self.last_report.get("counters", [])
+                   if row[0] == "alerts")
+
     def consumed_for(self) -> float:
         if self.consuming_since is None:
             return 0.0

@@ -21,7 +21,7 @@ from alertd.aggregate import Aggregate
 from alertd.autoscale import Autoscaler, fleet_load
 from alertd.config import Settings
 from alertd.errors import AlertdError
-from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED
+from alertd.exitcodes import EXIT_CONFIG, EXIT_OK, EXIT_RECYCLED, signal_name
 from alertd.handle import MASTER_SIGNALS, ChildHandle, reopen_log_files
 from alertd.statusview import MasterViews
 
@@ -248,7 +248,7 @@ class Arbiter:
     def _on_exit(self, child: ChildHandle, code: int) -> None:
         self.aggregate.child_gone(child.pid)
         in_flight = child.in_flight_alert_ids()
-        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = f"exit code {code}" if code >= 0 else f"signal {signal_name(-code)}"
         if code == EXIT_RECYCLED:
             how += ", recycled"
         planned = child.retiring or self.stopping
@@ -271,17 +271,28 @@ class Arbiter:
             log.error("child %d refused the configuration; the %d consuming children keep "
                       "running, and it is retried with backoff", child.index,
                       sum(c.state == "consuming" for c in self.children.values()))
-        if planned or code == EXIT_RECYCLED:
+        if planned:
+            return
+        if code == EXIT_RECYCLED:
+            if child.processed:
+                return  # replaced at once (its replacement may run already)
+            # It recycled before a single alert (a memory limit below a
+            # child's own size): so will the next one, at once. Back off as
+            # after a crash, or the fleet forks children without end.
+            self._back_off(child, "recycled before a single alert")
             return
         self.aggregate.count_restart(child.index)
+        self._back_off(child, "crash")
+
+    def _back_off(self, child: ChildHandle, what: str) -> None:
         if child.consumed_for() >= STABLE_AFTER_S:
             self._failures[child.index] = 0
         failures = self._failures.get(child.index, 0) + 1
         self._failures[child.index] = failures
         delay = restart_delay(failures)
         self._not_before[child.index] = time.monotonic() + delay
-        log.warning("child %d will be replaced in %.1fs (crash %d in a row)",
-                    child.index, delay, failures)
+        log.warning("child %d will be replaced in %.1fs (%s %d in a row)",
+                    child.index, delay, what, failures)
 
     def _roll_back(self, child: ChildHandle) -> None:
         """A child of the reloaded config refused it: back to the config before the HUP.
@@ -463,8 +474,11 @@ class Arbiter:
     def _read_child(self, child: ChildHandle) -> None:
         for beat in child.read_heartbeats():
             self.aggregate.add(child.pid, beat)
-        if child.recycling and not child.retiring and not self.stopping:
-            # It drains, then exits EXIT_RECYCLED: its slot need not wait for that.
+        if (child.recycling and not child.retiring and not self.stopping
+                and child.processed):
+            # It drains, then exits EXIT_RECYCLED: its slot need not wait for
+            # that. (One that recycles before its first alert waits for its
+            # exit and a backoff: see _on_exit.)
             log.info("child %d pid %d recycles: starting its replacement now",
                      child.index, child.pid)
             child.retiring = True

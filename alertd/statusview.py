@@ -112,7 +112,7 @@ def status_document(arbiter: Arbiter) -> dict[str, Any]:
             "concurrency": report.get("concurrency"),
             "rss_bytes": report.get("rss_bytes", 0),
             "loop_lag_s": report.get("loop_lag_s", 0.0),
-            "processed": sum(int(r[-1]) for r in counters if r[0] == "alerts"),
+            "processed": child.processed,
             "failed": sum(int(r[-1]) for r in counters if r[:2] == ("alerts", "failed")),
             "heartbeat_age_s": round(now - child.last_beat, 1),
             "slots": report.get("slots", []),

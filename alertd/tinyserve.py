@@ -15,6 +15,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,8 +86,14 @@ class TinyServer:
         if _answers(path):
             raise OSError(errno.EADDRINUSE, "another process (a running alertd master?) "
                           "answers on it")
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                # A typo'd path naming a file (the master often runs as root):
+                # never delete what is not a socket.
+                raise OSError(errno.EEXIST, "it exists and is not a socket; not replacing it")
             os.unlink(path)
+        except FileNotFoundError:
+            pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)

@@ -19,6 +19,7 @@ import orjson
 from alertd.config import environment_without_settings
 from alertd.domain import JSON
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
+from alertd.exitcodes import signal_name
 from alertd.media import normalize_probe
 
 MAX_STDOUT_BYTES = 4 * 1024 * 1024
@@ -84,7 +85,7 @@ class FfprobeProber:
                 ErrorCode.NOT_A_VIDEO, f"ffprobe printed more than {MAX_STDOUT_BYTES} bytes"
             )
         if returncode < 0:
-            name = _signal_name(-returncode)
+            name = signal_name(-returncode)
             raise PermanentError(ErrorCode.PROBE_CRASHED, f"ffprobe killed by {name}")
         if returncode != 0:
             raise PermanentError(ErrorCode.NOT_A_VIDEO, _reason(stderr, target))
@@ -170,13 +171,6 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 async def _kill_and_reap(process: asyncio.subprocess.Process) -> None:
     _kill(process)
     await process.wait()
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _reason(stderr: bytes, target: str) -> str:

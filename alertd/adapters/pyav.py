@@ -34,6 +34,7 @@ import orjson
 from alertd.config import environment_without_settings
 from alertd.domain import JSON
 from alertd.errors import ConfigError, ErrorCode, PermanentError, TransientError
+from alertd.exitcodes import signal_name
 from alertd.media import normalize_probe
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ class _Helper:
             await self.kill()
             return "pyav helper closed its output without exiting; killed"
         if returncode < 0:
-            return f"pyav helper killed by {_signal_name(-returncode)}"
+            return f"pyav helper killed by {signal_name(-returncode)}"
         return f"pyav helper exited with status {returncode}"
 
 
@@ -330,10 +331,3 @@ def _metadata(reply: Mapping[str, Any]) -> JSON:
     if reply.get("error") == ErrorCode.NOT_A_VIDEO:
         raise PermanentError(ErrorCode.NOT_A_VIDEO, reason)
     raise PermanentError(ErrorCode.PROBE_CRASHED, reason)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

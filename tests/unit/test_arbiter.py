@@ -107,7 +107,10 @@ def test_crashes_in_a_row_back_off_and_a_recycled_child_is_replaced_at_once(
     assert arbiter.spawned == []  # type: ignore[attr-defined]
 
     arbiter._not_before.clear()
-    arbiter._on_exit(kids.make(0), EXIT_RECYCLED)
+    recycled = kids.make(0)
+    kids.report(recycled, state="draining", recycling=True, counters=[["alerts", "done", 7]])
+    arbiter._read_child(recycled)
+    arbiter._on_exit(recycled, EXIT_RECYCLED)
     assert arbiter.aggregate.restarts == 3 and not arbiter._not_before
     arbiter.manage_children()
     assert len(arbiter.spawned) == 1  # type: ignore[attr-defined]
@@ -289,7 +292,7 @@ def test_a_recycling_child_gets_its_replacement_before_it_has_drained(
 ) -> None:
     child = kids.make(0, state="consuming")
     arbiter.children[child.pid] = child
-    kids.report(child, state="draining", recycling=True)
+    kids.report(child, state="draining", recycling=True, counters=[["alerts", "done", 7]])
     arbiter._read_child(child)
     assert child.retiring
     arbiter.manage_children()
@@ -459,3 +462,35 @@ def test_heartbeats_split_across_reads_are_reassembled_and_garbage_is_skipped(
     kids.writers.pop(child.pid)
     assert child.read_heartbeats() == [] and child.eof
     child.close()
+
+
+def test_a_child_recycling_before_a_single_alert_is_replaced_with_backoff_not_at_once(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    # --max-memory-per-child below a child's own size: every child would
+    # recycle a second after it starts, for ever, each a fork and 2 helpers.
+    for round_ in range(1, 4):
+        arbiter._not_before.clear()
+        arbiter.manage_children()
+        child = arbiter.spawned[-1]  # type: ignore[attr-defined]
+        kids.report(child, state="draining", recycling=True, counters=[])
+        arbiter._read_child(child)
+        assert not child.retiring  # no replacement while it drains
+        arbiter.manage_children()
+        assert len(arbiter.spawned) == round_  # type: ignore[attr-defined]
+        del arbiter.children[child.pid]
+        arbiter._on_exit(child, EXIT_RECYCLED)
+    wait = arbiter._not_before[0] - time.monotonic()
+    assert 1.5 < wait <= 2.0  # the third in a row: 0.5, 1, 2 s
+    assert arbiter.aggregate.restarts == 0  # not a crash
+    arbiter.manage_children()
+    assert len(arbiter.spawned) == 3  # type: ignore[attr-defined]
+
+
+def test_a_child_killed_by_a_real_time_signal_is_replaced_like_any_crash(
+    arbiter: Arbiter, kids: Kids,
+) -> None:
+    # signal.Signals has names for SIGRTMIN and SIGRTMAX only: 40 has none.
+    arbiter._on_exit(kids.make(0), -(signal.SIGRTMIN + 6))
+
+    assert arbiter.aggregate.restarts == 1 and 0 in arbiter._not_before

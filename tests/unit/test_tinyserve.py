@@ -197,3 +197,15 @@ def test_a_master_too_busy_to_accept_still_keeps_its_control_socket(
         for client in waiting:
             client.close()
         busy.close()
+
+
+def test_a_control_socket_path_naming_a_file_that_is_no_socket_is_refused_not_deleted(
+    selector: selectors.BaseSelector, tmp_path: Path,
+) -> None:
+    # A typo'd --control-socket; the master often runs as root.
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+
+    with pytest.raises(OSError, match="not a socket"):
+        TinyServer.unix(str(precious), selector, lambda command: b"{}\n")
+    assert precious.read_text() == "keep me"
