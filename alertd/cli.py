@@ -14,6 +14,7 @@ from alertd import __version__
 from alertd.config import Settings, check_local_paths, from_options, load_config_file
 from alertd.errors import AlertdError, ConfigError
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
+from alertd.filevalues import wrong_secrets_type
 
 SIGNALS_HELP = """
 \b
@@ -54,7 +55,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not value:
         return None
     values = load_config_file(value, file_keys())
-    ctx.meta["webhook_secret_from_file"] = values.pop("webhook_secret", None)
+    secrets = values.pop("webhook_secret", None)
+    if secrets is not None and (why := wrong_secrets_type(secrets)):
+        raise ConfigError(f"webhook_secret: {why} (in {value})")
+    ctx.meta["webhook_secret_from_file"] = secrets
     if "allow_network" in values:
         values["allow_networks"] = values.pop("allow_network")
     if isinstance(values.get("allow_networks"), str):
@@ -179,7 +183,8 @@ def cli() -> None:
 
     Secrets never go on the command line: the webhook secret comes from
     ALERTD_WEBHOOK_SECRET or webhook_secret in the config file
-    ("whsec_<base64>"; several, space separated, while rotating).
+    ("whsec_<base64>"; several while rotating: space separated, or in
+    the file a list, one secret per item).
     """
 
 

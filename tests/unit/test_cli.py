@@ -10,10 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from alertd.config import mask_url
+from alertd.config import mask_url, parse_webhook_secrets
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OLD_SECRET = "whsec_cm90YXRpb24tc2VjcmV0LW51bWJlci10d28h"
 
 
 def alertd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -210,3 +211,41 @@ def test_start_refuses_a_download_dir_it_cannot_use_in_one_line_and_check_config
 def test_the_longest_retry_delay_rabbitmq_accepts_is_taken() -> None:
     # 5 s x 2^19 = 2,621,440 s: the 20th delay queue's TTL still fits in 2^32-1 ms.
     assert effective("--max-attempts", "21")["max_attempts"] == 21
+
+
+def test_webhook_secrets_in_the_config_file_may_be_a_list_kept_in_rotation_order(
+    tmp_path: Path,
+) -> None:
+    # A list is how TOML writes two secrets (allow_network takes one too);
+    # before, it ended check-config and start in an AttributeError traceback.
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'webhook_secret = ["{SECRET}", "{OLD_SECRET}"]\n')
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert SECRET.removeprefix("whsec_") not in done.stdout
+    assert OLD_SECRET.removeprefix("whsec_") not in done.stdout
+    assert orjson.loads(done.stdout)["webhook_secret"] == ["whsec_*** (2 set)"]
+    # The same keys, in the same order, as the space-separated string.
+    listed = parse_webhook_secrets([SECRET, OLD_SECRET])
+    assert listed == parse_webhook_secrets(f"{SECRET} {OLD_SECRET}")
+    assert listed == parse_webhook_secrets([SECRET]) + parse_webhook_secrets([OLD_SECRET])
+    # ALERTD_WEBHOOK_SECRET still wins over the file.
+    doc = effective("--config", str(conf), env={"ALERTD_WEBHOOK_SECRET": SECRET})
+    assert doc["webhook_secret"] == ["whsec_*** (1 set)"]
+
+
+@pytest.mark.parametrize("value", [
+    "5", "true", "[5]", f'["{SECRET}", 5]', f'[["{SECRET}"]]', f'{{ key = "{SECRET}" }}',
+    f'["{SECRET} {OLD_SECRET}"]',
+])
+def test_a_webhook_secret_of_another_type_in_the_config_file_is_refused_in_one_line(
+    tmp_path: Path, value: str,
+) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"webhook_secret = {value}\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alertd: config error: webhook_secret: ")
+    assert SECRET.removeprefix("whsec_") not in done.stderr
+
