@@ -11,10 +11,10 @@ import click
 import orjson
 
 from alertd import __version__
-from alertd.config import Settings, check_local_paths, from_options, load_config_file
+from alertd.config import DISPLAY_KEYS, Settings, check_local_paths, from_options, load_config_file
 from alertd.errors import AlertdError, ConfigError
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
-from alertd.filevalues import wrong_secrets_type
+from alertd.filevalues import wrong_secrets_type, wrong_type
 
 SIGNALS_HELP = """
 \b
@@ -68,10 +68,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     for key, raw in values.items():
         if key not in params:
             continue
+        name = DISPLAY_KEYS.get(key, key)
+        if why := wrong_type(params[key], raw):
+            raise ConfigError(f"{name}: {why} (in {value})")
         try:
             params[key].type_cast_value(ctx, raw)
         except click.BadParameter as exc:
-            raise ConfigError(f"{key}: {exc.message} (in {value})") from None
+            raise ConfigError(f"{name}: {exc.message} (in {value})") from None
         mine[key] = raw
     ctx.default_map = {**(ctx.default_map or {}), **mine}
     return value

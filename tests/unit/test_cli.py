@@ -249,3 +249,42 @@ def test_a_webhook_secret_of_another_type_in_the_config_file_is_refused_in_one_l
     assert len(lines) == 1 and lines[0].startswith("alertd: config error: webhook_secret: ")
     assert SECRET.removeprefix("whsec_") not in done.stderr
 
+@pytest.mark.parametrize(("line", "key"), [
+    ("workers = 2.5", "workers"), ("max_download_bytes = 1.9", "max_download_bytes"),
+    ("workers = true", "workers"), ("workers = 2.0", "workers"),
+    ("delivery_limit = 1e3", "delivery_limit"), ("download_timeout = true", "download_timeout"),
+    ("queue = 5", "queue"), ("control_socket = 0", "control_socket"),
+    ("workers = { n = 2 }", "workers"), ("retry_delay = [5]", "retry_delay"),
+    ("probe_timeout = 1979-05-27", "probe_timeout"),
+    ("allow_network = 5", "allow_network"), ('allow_network = ["::1/128", 5]', "allow_network"),
+])
+def test_a_config_file_value_of_the_wrong_toml_type_is_refused_not_truncated(
+    tmp_path: Path, line: str, key: str,
+) -> None:
+    # click converts what it is given with int()/float()/str(): before, 2.5
+    # ran 2 children, true 1, and a table or a date was a TypeError traceback.
+    conf = tmp_path / "bad.toml"
+    conf.write_text(line + "\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3, done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alertd: config error: {key}: must be "), lines
+    assert str(conf) in lines[0]
+
+
+def test_an_integral_float_is_refused_with_the_integer_to_write_instead(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("workers = 2.0\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.stderr.strip() == ("alertd: config error: workers: must be an integer, got "
+                                   "2.0, a float (write 2: floats are refused, not truncated) "
+                                   f"(in {conf})")
+
+
+def test_a_config_file_value_a_flag_could_spell_is_taken(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('download_timeout = 5\nworkers = "3"\nretry_delay = "2.5"\n'
+                    'allow_network = "10.0.0.0/8"\nwebhook_secret = []\n')
+    doc = effective("--config", str(conf))
+    assert doc["download_timeout"] == 5.0 and doc["workers"] == 3 and doc["retry_delay"] == 2.5
+    assert doc["allow_network"] == ["10.0.0.0/8"] and doc["webhook_secret"] == []
