@@ -45,6 +45,18 @@ def _opt(name: str, *decls: str, **kwargs: Any) -> Decorator:
     return click.option(f"--{name}", *decls, envvar=env, **kwargs)
 
 
+class EmptyEnvIsOff(click.Option):
+    """An option whose environment variable set to '' means '' (documented as
+    off), as ``--name ''`` and ``name = ""`` in the file do; click reads an empty
+    variable as unset, which would let the file or the default win instead."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is None and isinstance(self.envvar, str) and os.environ.get(self.envvar) == "":
+            return ""
+        return value
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Eager --config: the file's values become click's default_map (below env and flags).
 
@@ -118,7 +130,7 @@ DAEMON_OPTIONS: list[Decorator] = [
     _opt("metrics-host", default=_D.metrics_host, help="Address for --metrics-port."),
     _opt("metrics-port", type=click.IntRange(0, 65535), default=_D.metrics_port,
          help="Serve /metrics, /healthz, /readyz here (0 = off)."),
-    _opt("control-socket", default="/tmp/alertd.sock",
+    _opt("control-socket", cls=EmptyEnvIsOff, default="/tmp/alertd.sock",
          help="Unix socket the master answers 'alertd status' on ('' = off)."),
     _opt("allow-network", "allow_networks", multiple=True, default=(),
          help="CIDR that clips and webhooks may reach although private or loopback "
@@ -273,12 +285,16 @@ def publish(*, amqp_url: str, queue: str, queue_type: str, delivery_limit: int, 
 
 @cli.command()
 @config_option
-@_opt("control-socket", default="/tmp/alertd.sock", help="The master's control socket.")
+@_opt("control-socket", cls=EmptyEnvIsOff, default="/tmp/alertd.sock",
+      help="The master's control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document.")
 def status(control_socket: str, as_json: bool) -> None:
     """Live view of the master: children, their slots and what each one is doing."""
     from alertd.statusclient import fetch_status, render_status
 
+    if not control_socket:
+        raise AlertdError("control_socket is '' (off): no master answers 'alertd status'; "
+                          "give --control-socket PATH")
     doc = fetch_status(control_socket)
     click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json
                else render_status(doc))

@@ -249,6 +249,27 @@ def test_a_webhook_secret_of_another_type_in_the_config_file_is_refused_in_one_l
     assert len(lines) == 1 and lines[0].startswith("alertd: config error: webhook_secret: ")
     assert SECRET.removeprefix("whsec_") not in done.stderr
 
+
+def test_an_empty_alertd_control_socket_turns_the_socket_off_as_the_flag_and_file_do(
+    tmp_path: Path,
+) -> None:
+    # README: '' = off for --control-socket and ALERTD_CONTROL_SOCKET; click
+    # reads an empty variable as unset, so an env file could not turn it off.
+    conf = tmp_path / "c.toml"
+    conf.write_text('control_socket = "/run/from-file.sock"\n')
+    off = {"ALERTD_CONTROL_SOCKET": ""}
+    assert effective(env=off)["control_socket"] == ""
+    assert effective("--config", str(conf), env=off)["control_socket"] == ""
+    assert effective("--control-socket", "/run/flag.sock", env=off)["control_socket"] == \
+        "/run/flag.sock"
+    assert effective("--config", str(conf))["control_socket"] == "/run/from-file.sock"
+    # alertd status reads the same variable: off is said so, not asked of a default path.
+    done = alertd("status", env=off)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("alertd: error: control_socket is '' (off): no master "
+                                   "answers 'alertd status'; give --control-socket PATH")
+
+
 @pytest.mark.parametrize(("line", "key"), [
     ("workers = 2.5", "workers"), ("max_download_bytes = 1.9", "max_download_bytes"),
     ("workers = true", "workers"), ("workers = 2.0", "workers"),
