@@ -11,9 +11,10 @@ import click
 import orjson
 
 from alertd import __version__
-from alertd.config import Settings, check_local_paths, from_options, load_config_file
+from alertd.config import DISPLAY_KEYS, Settings, check_local_paths, from_options, load_config_file
 from alertd.errors import AlertdError, ConfigError
 from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
+from alertd.filevalues import wrong_secrets_type, wrong_type
 
 SIGNALS_HELP = """
 \b
@@ -44,6 +45,18 @@ def _opt(name: str, *decls: str, **kwargs: Any) -> Decorator:
     return click.option(f"--{name}", *decls, envvar=env, **kwargs)
 
 
+class EmptyEnvIsOff(click.Option):
+    """An option whose environment variable set to '' means '' (documented as
+    off), as ``--name ''`` and ``name = ""`` in the file do; click reads an empty
+    variable as unset, which would let the file or the default win instead."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        value = super().resolve_envvar_value(ctx)
+        if value is None and isinstance(self.envvar, str) and os.environ.get(self.envvar) == "":
+            return ""
+        return value
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Eager --config: the file's values become click's default_map (below env and flags).
 
@@ -54,7 +67,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not value:
         return None
     values = load_config_file(value, file_keys())
-    ctx.meta["webhook_secret_from_file"] = values.pop("webhook_secret", None)
+    secrets = values.pop("webhook_secret", None)
+    if secrets is not None and (why := wrong_secrets_type(secrets)):
+        raise ConfigError(f"webhook_secret: {why} (in {value})")
+    ctx.meta["webhook_secret_from_file"] = secrets
     if "allow_network" in values:
         values["allow_networks"] = values.pop("allow_network")
     if isinstance(values.get("allow_networks"), str):
@@ -64,10 +80,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     for key, raw in values.items():
         if key not in params:
             continue
+        name = DISPLAY_KEYS.get(key, key)
+        if why := wrong_type(params[key], raw):
+            raise ConfigError(f"{name}: {why} (in {value})")
         try:
             params[key].type_cast_value(ctx, raw)
         except click.BadParameter as exc:
-            raise ConfigError(f"{key}: {exc.message} (in {value})") from None
+            raise ConfigError(f"{name}: {exc.message} (in {value})") from None
         mine[key] = raw
     ctx.default_map = {**(ctx.default_map or {}), **mine}
     return value
@@ -111,7 +130,7 @@ DAEMON_OPTIONS: list[Decorator] = [
     _opt("metrics-host", default=_D.metrics_host, help="Address for --metrics-port."),
     _opt("metrics-port", type=click.IntRange(0, 65535), default=_D.metrics_port,
          help="Serve /metrics, /healthz, /readyz here (0 = off)."),
-    _opt("control-socket", default="/tmp/alertd.sock",
+    _opt("control-socket", cls=EmptyEnvIsOff, default="/tmp/alertd.sock",
          help="Unix socket the master answers 'alertd status' on ('' = off)."),
     _opt("allow-network", "allow_networks", multiple=True, default=(),
          help="CIDR that clips and webhooks may reach although private or loopback "
@@ -179,7 +198,8 @@ def cli() -> None:
 
     Secrets never go on the command line: the webhook secret comes from
     ALERTD_WEBHOOK_SECRET or webhook_secret in the config file
-    ("whsec_<base64>"; several, space separated, while rotating).
+    ("whsec_<base64>"; several while rotating: space separated, or in
+    the file a list, one secret per item).
     """
 
 
@@ -265,12 +285,16 @@ def publish(*, amqp_url: str, queue: str, queue_type: str, delivery_limit: int, 
 
 @cli.command()
 @config_option
-@_opt("control-socket", default="/tmp/alertd.sock", help="The master's control socket.")
+@_opt("control-socket", cls=EmptyEnvIsOff, default="/tmp/alertd.sock",
+      help="The master's control socket.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON document.")
 def status(control_socket: str, as_json: bool) -> None:
     """Live view of the master: children, their slots and what each one is doing."""
     from alertd.statusclient import fetch_status, render_status
 
+    if not control_socket:
+        raise AlertdError("control_socket is '' (off): no master answers 'alertd status'; "
+                          "give --control-socket PATH")
     doc = fetch_status(control_socket)
     click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json
                else render_status(doc))

@@ -9,7 +9,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -217,12 +217,19 @@ def parse_autoscale(value: Any) -> tuple[int, int] | None:
         raise ConfigError(f"autoscale: must be MIN,MAX (e.g. 1,4), got {value!r}") from None
 
 
-def parse_webhook_secrets(value: str | None) -> tuple[bytes, ...]:
-    """Decode ``whsec_<base64>`` secrets; several, space separated, during rotation."""
+def parse_webhook_secrets(value: str | Sequence[str] | None) -> tuple[bytes, ...]:
+    """Decode ``whsec_<base64>`` secrets, in rotation order: several, space separated
+    (env or file), or a list of them (file), one secret per item."""
     if not value:
         return ()
+    if isinstance(value, str):
+        tokens = value.split()
+    elif all(len(item.split()) == 1 for item in value):
+        tokens = [item.strip() for item in value]
+    else:
+        raise ConfigError("webhook_secret: a list holds one secret per item")
     keys = []
-    for token in value.split():
+    for token in tokens:
         if not token.startswith("whsec_"):
             raise ConfigError("webhook_secret: each secret must start with 'whsec_'")
         try:
@@ -253,7 +260,8 @@ def load_config_file(path: str, known_keys: set[str]) -> dict[str, Any]:
     return values
 
 
-def from_options(options: Mapping[str, Any], *, webhook_secret: str | None) -> Settings:
+def from_options(options: Mapping[str, Any], *,
+                 webhook_secret: str | Sequence[str] | None) -> Settings:
     """Build validated Settings from click's resolved option values."""
     known = {f.name for f in fields(Settings)}
     values = {k: v for k, v in options.items() if k in known and v is not None}

@@ -10,10 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from alertd.config import mask_url
+from alertd.config import mask_url, parse_webhook_secrets
 
 ALERTD = str(Path(sys.executable).with_name("alertd"))
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OLD_SECRET = "whsec_cm90YXRpb24tc2VjcmV0LW51bWJlci10d28h"
 
 
 def alertd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -210,3 +211,101 @@ def test_start_refuses_a_download_dir_it_cannot_use_in_one_line_and_check_config
 def test_the_longest_retry_delay_rabbitmq_accepts_is_taken() -> None:
     # 5 s x 2^19 = 2,621,440 s: the 20th delay queue's TTL still fits in 2^32-1 ms.
     assert effective("--max-attempts", "21")["max_attempts"] == 21
+
+
+def test_webhook_secrets_in_the_config_file_may_be_a_list_kept_in_rotation_order(
+    tmp_path: Path,
+) -> None:
+    # A list is how TOML writes two secrets (allow_network takes one too);
+    # before, it ended check-config and start in an AttributeError traceback.
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'webhook_secret = ["{SECRET}", "{OLD_SECRET}"]\n')
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert SECRET.removeprefix("whsec_") not in done.stdout
+    assert OLD_SECRET.removeprefix("whsec_") not in done.stdout
+    assert orjson.loads(done.stdout)["webhook_secret"] == ["whsec_*** (2 set)"]
+    # The same keys, in the same order, as the space-separated string.
+    listed = parse_webhook_secrets([SECRET, OLD_SECRET])
+    assert listed == parse_webhook_secrets(f"{SECRET} {OLD_SECRET}")
+    assert listed == parse_webhook_secrets([SECRET]) + parse_webhook_secrets([OLD_SECRET])
+    # ALERTD_WEBHOOK_SECRET still wins over the file.
+    doc = effective("--config", str(conf), env={"ALERTD_WEBHOOK_SECRET": SECRET})
+    assert doc["webhook_secret"] == ["whsec_*** (1 set)"]
+
+
+@pytest.mark.parametrize("value", [
+    "5", "true", "[5]", f'["{SECRET}", 5]', f'[["{SECRET}"]]', f'{{ key = "{SECRET}" }}',
+    f'["{SECRET} {OLD_SECRET}"]',
+])
+def test_a_webhook_secret_of_another_type_in_the_config_file_is_refused_in_one_line(
+    tmp_path: Path, value: str,
+) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"webhook_secret = {value}\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alertd: config error: webhook_secret: ")
+    assert SECRET.removeprefix("whsec_") not in done.stderr
+
+
+def test_an_empty_alertd_control_socket_turns_the_socket_off_as_the_flag_and_file_do(
+    tmp_path: Path,
+) -> None:
+    # README: '' = off for --control-socket and ALERTD_CONTROL_SOCKET; click
+    # reads an empty variable as unset, so an env file could not turn it off.
+    conf = tmp_path / "c.toml"
+    conf.write_text('control_socket = "/run/from-file.sock"\n')
+    off = {"ALERTD_CONTROL_SOCKET": ""}
+    assert effective(env=off)["control_socket"] == ""
+    assert effective("--config", str(conf), env=off)["control_socket"] == ""
+    assert effective("--control-socket", "/run/flag.sock", env=off)["control_socket"] == \
+        "/run/flag.sock"
+    assert effective("--config", str(conf))["control_socket"] == "/run/from-file.sock"
+    # alertd status reads the same variable: off is said so, not asked of a default path.
+    done = alertd("status", env=off)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("alertd: error: control_socket is '' (off): no master "
+                                   "answers 'alertd status'; give --control-socket PATH")
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ("workers = 2.5", "workers"), ("max_download_bytes = 1.9", "max_download_bytes"),
+    ("workers = true", "workers"), ("workers = 2.0", "workers"),
+    ("delivery_limit = 1e3", "delivery_limit"), ("download_timeout = true", "download_timeout"),
+    ("queue = 5", "queue"), ("control_socket = 0", "control_socket"),
+    ("workers = { n = 2 }", "workers"), ("retry_delay = [5]", "retry_delay"),
+    ("probe_timeout = 1979-05-27", "probe_timeout"),
+    ("allow_network = 5", "allow_network"), ('allow_network = ["::1/128", 5]', "allow_network"),
+])
+def test_a_config_file_value_of_the_wrong_toml_type_is_refused_not_truncated(
+    tmp_path: Path, line: str, key: str,
+) -> None:
+    # click converts what it is given with int()/float()/str(): before, 2.5
+    # ran 2 children, true 1, and a table or a date was a TypeError traceback.
+    conf = tmp_path / "bad.toml"
+    conf.write_text(line + "\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.returncode == 3, done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alertd: config error: {key}: must be "), lines
+    assert str(conf) in lines[0]
+
+
+def test_an_integral_float_is_refused_with_the_integer_to_write_instead(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("workers = 2.0\n")
+    done = alertd("check-config", "--config", str(conf))
+    assert done.stderr.strip() == ("alertd: config error: workers: must be an integer, got "
+                                   "2.0, a float (write 2: floats are refused, not truncated) "
+                                   f"(in {conf})")
+
+
+def test_a_config_file_value_a_flag_could_spell_is_taken(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('download_timeout = 5\nworkers = "3"\nretry_delay = "2.5"\n'
+                    'allow_network = "10.0.0.0/8"\nwebhook_secret = []\n')
+    doc = effective("--config", str(conf))
+    assert doc["download_timeout"] == 5.0 and doc["workers"] == 3 and doc["retry_delay"] == 2.5
+    assert doc["allow_network"] == ["10.0.0.0/8"] and doc["webhook_secret"] == []
