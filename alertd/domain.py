@@ -31,7 +31,7 @@ _INT_RANGE = (-(2**63), 2**64)
 # RFC 3339 section 5.6 date-time (a space for the T, as its note allows);
 # datetime.fromisoformat alone takes many ISO 8601 forms RFC 3339 does not.
 _RFC3339 = re.compile(
-    r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d):(\d\d)(\.\d{1,6})?\d*([Zz]|[+-]\d\d:\d\d)",
+    r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d):(\d\d)(?:(\.\d{1,6})\d*)?([Zz]|[+-]\d\d:\d\d)",
     re.ASCII,
 )
 
@@ -255,10 +255,18 @@ def _loads_beyond_orjson(text: str, error: orjson.JSONDecodeError) -> Any:
     field holding one is ignored as the contract says, and a known one gets
     ``invalid_field`` (:func:`_check_beyond_orjson`), not ``invalid_json``.
     Only bodies orjson refused come here."""
+    if error.msg == "depth limit exceeded":  # orjson's own words: valid, but too deep
+        raise InvalidMessage(f"too_deep: nesting deeper than {MAX_JSON_DEPTH}")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):  # not JSON (or an integer past 4300 digits)
+        return json.loads(text, parse_constant=_refuse_constant, parse_int=_int_or_too_wide)
+    except (ValueError, RecursionError):
         raise InvalidMessage(f"invalid_json: {error.msg} at char {error.pos}") from None
+
+
+def _int_or_too_wide(digits: str) -> int:
+    # 2^64 has 20 digits: a longer integer is past 64 bits whatever it is,
+    # and is not built (Python refuses past 4300 digits, and it costs time).
+    return int(digits) if len(digits) <= 21 else _INT_RANGE[1]
 
 
 def _refuse_constant(name: str) -> None:
@@ -413,8 +421,8 @@ def _rfc3339(value: object) -> dt.datetime:
         try:
             utc = parsed.astimezone(dt.UTC)
             parsed += dt.timedelta(seconds=1)
-        except OverflowError:  # past the end of year 9999
-            raise InvalidMessage("invalid_field: occurred_at is past year 9999") from None
+        except OverflowError:  # the leap second's UTC time is past 9999 or before 1
+            raise InvalidMessage("invalid_field: occurred_at is outside years 1-9999") from None
         last_day = calendar.monthrange(utc.year, utc.month)[1]
         if (utc.day, utc.hour, utc.minute) != (last_day, 23, 59):
             raise InvalidMessage("invalid_field: occurred_at has second 60 outside a leap "

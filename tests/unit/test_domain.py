@@ -152,6 +152,7 @@ def test_a_leap_second_is_a_valid_occurred_at() -> None:
     "2024-05-01T12:00:00Z\x00", "2024-05-01", "2024-05-01T12:00:00", "12:00:00Z",
     "\uff12\uff10\uff12\uff14-05-01T12:00:00Z", "2024-05-01T12:00:00.Z", "2024-05-01T12:00:00,5Z",
     "2024-02-30T12:00:00Z", "2024-05-01T24:00:00Z", "2024-05-01T12:00:00+24:00",
+    "2024-01-01T00:00:0012345Z", "0001-01-01T00:00:60+01:00",
 ])
 def test_occurred_at_must_be_rfc3339_not_any_iso8601_form(value: str) -> None:
     with pytest.raises(InvalidMessage, match="invalid_field: occurred_at"):
@@ -180,13 +181,15 @@ def test_second_60_is_only_a_leap_second_at_the_end_of_a_month_utc(value: str) -
 
 def test_valid_json_that_orjson_cannot_read_is_ignored_in_unknown_fields() -> None:
     # The contract: other fields are ignored. orjson refuses these three.
-    text = json.dumps(GOOD)[:-1] + ', "big": 1e400, "wide": 1' + "0" * 400 + ', "s": "\\ud800"}'
+    text = (json.dumps(GOOD)[:-1] + ', "big": 1e400, "wide": 1' + "0" * 400
+            + ', "wider": -' + "9" * 5000 + ', "s": "\\ud800"}')
     alert = parse(text.encode())
     assert alert.alert_id == GOOD["alert_id"] and alert.attributes == {}
 
 
 @pytest.mark.parametrize(("fragment", "reason"), [
     ('"attributes": {"n": 1' + "0" * 400 + "}", "integer outside the 64-bit range"),
+    ('"attributes": {"n": -1' + "0" * 5000 + "}", "integer outside the 64-bit range"),
     ('"attributes": {"n": [1e400]}', "beyond a double's range"),
     ('"attributes": {"\\udc00": 1}', "attributes has a lone surrogate"),
     ('"source": "cam \\ud800"', "source has a lone surrogate"),
@@ -202,7 +205,7 @@ def test_valid_json_that_orjson_cannot_read_in_a_kept_field_is_invalid_field(
 
 
 @pytest.mark.parametrize("text", ['{"alert_id": NaN}', '{"alert_id": Infinity}',
-                                  '{"a": 1,}', "{'a': 1}", '{"a": 1' + "0" * 5000 + "}"])
+                                  '{"a": 1,}', "{'a': 1}", '{"a": 1' + "0" * 5000 + "x}"])
 def test_what_is_not_json_stays_invalid_json_for_both_parsers(text: str) -> None:
     with pytest.raises(InvalidMessage, match=r"^invalid_json: "):
         parse(text.encode())
@@ -214,3 +217,10 @@ def test_what_is_not_json_stays_invalid_json_for_both_parsers(text: str) -> None
 def test_a_url_with_a_c1_control_or_a_space_is_invalid_field(url: str) -> None:
     with pytest.raises(InvalidMessage, match="video_url has spaces or control characters"):
         parse({**GOOD, "video_url": url})
+
+
+@pytest.mark.parametrize("levels", [1030, 5000])
+def test_nesting_past_orjsons_own_limit_is_too_deep_not_invalid_json(levels: int) -> None:
+    body = json.dumps(GOOD)[:-1] + ', "x": ' + "[" * levels + "]" * levels + "}"
+    with pytest.raises(InvalidMessage, match=r"^too_deep: "):
+        parse(body.encode())
