@@ -13,8 +13,9 @@ def wrong_type(param: click.Parameter, raw: Any) -> str | None:
     click converts a non-string leniently: ``int(2.5)`` is 2, ``int(True)`` is 1,
     ``str(5)`` is "5", and a table or a date is a TypeError traceback. So only
     what a flag could have spelled is let through: an integer (not a boolean)
-    for a whole-number option, an integer or a float for seconds, a list of
-    strings for a repeatable option. A string goes to click, which reads it
+    or a float with no fraction (``2.0``, ``1.5e8``) for a whole-number
+    option, an integer or a float for seconds, a list of strings for a
+    repeatable option. A string goes to click, which reads it
     exactly as the flag (``workers = "3"`` is 3, ``"2.5"`` is refused).
     """
     if isinstance(raw, str):
@@ -27,9 +28,11 @@ def wrong_type(param: click.Parameter, raw: Any) -> str | None:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return None
         if isinstance(raw, float) and raw.is_integer():
-            # 2.0 too: one rule (no floats for a count) leaves nothing to guess.
-            return (f"must be an integer, got {describe(raw)} "
-                    f"(write {int(raw)}: floats are refused, not truncated)")
+            # 2.0 or 1.5e8 (bytes) mean one integer, and files written so ran
+            # before these checks: refusing them would stop an upgraded service.
+            return None
+        if isinstance(raw, float):
+            return f"must be an integer, got {describe(raw)} (refused, not truncated)"
         return f"must be an integer, got {describe(raw)}"
     if isinstance(param.type, click.types.FloatParamType):
         if isinstance(raw, int | float) and not isinstance(raw, bool):

@@ -272,8 +272,8 @@ def test_an_empty_alertd_control_socket_turns_the_socket_off_as_the_flag_and_fil
 
 @pytest.mark.parametrize(("line", "key"), [
     ("workers = 2.5", "workers"), ("max_download_bytes = 1.9", "max_download_bytes"),
-    ("workers = true", "workers"), ("workers = 2.0", "workers"),
-    ("delivery_limit = 1e3", "delivery_limit"), ("download_timeout = true", "download_timeout"),
+    ("workers = true", "workers"), ("workers = inf", "workers"),
+    ("delivery_limit = 1e-3", "delivery_limit"), ("download_timeout = true", "download_timeout"),
     ("queue = 5", "queue"), ("control_socket = 0", "control_socket"),
     ("workers = { n = 2 }", "workers"), ("retry_delay = [5]", "retry_delay"),
     ("probe_timeout = 1979-05-27", "probe_timeout"),
@@ -293,13 +293,18 @@ def test_a_config_file_value_of_the_wrong_toml_type_is_refused_not_truncated(
     assert str(conf) in lines[0]
 
 
-def test_an_integral_float_is_refused_with_the_integer_to_write_instead(tmp_path: Path) -> None:
-    conf = tmp_path / "bad.toml"
-    conf.write_text("workers = 2.0\n")
+def test_a_fractional_count_is_refused_and_one_with_no_fraction_is_taken(
+    tmp_path: Path,
+) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("workers = 2.5\n")
     done = alertd("check-config", "--config", str(conf))
     assert done.stderr.strip() == ("alertd: config error: workers: must be an integer, got "
-                                   "2.0, a float (write 2: floats are refused, not truncated) "
-                                   f"(in {conf})")
+                                   f"2.5, a float (refused, not truncated) (in {conf})")
+    # Files that ran before the type checks keep running: 2.0 is 2, 1.5e8 bytes exact.
+    conf.write_text("workers = 2.0\nmax_memory_per_child = 1.5e8\n")
+    doc = effective("--config", str(conf))
+    assert doc["workers"] == 2 and doc["max_memory_per_child"] == 150_000_000
 
 
 def test_a_config_file_value_a_flag_could_spell_is_taken(tmp_path: Path) -> None:
