@@ -238,7 +238,7 @@ def check_config(ctx: click.Context, /, control_socket: str, **options: Any) -> 
 
 @cli.group()
 def db() -> None:
-    """Database schema."""
+    """Database schema and retention."""
 
 
 @db.command()
@@ -250,6 +250,29 @@ def migrate(dsn: str) -> None:
 
     version = run_migrations(dsn)
     click.echo(f"schema at version {version}")
+
+
+@db.command("prune")
+@config_option
+@_opt("dsn", default=_D.dsn, help="PostgreSQL connection URL.")
+@click.option("--older-than", "days", type=click.FloatRange(1), required=True,
+              help="Days since an alert's outcome was decided (at least 1).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def db_prune(dsn: str, days: float, dry_run: bool, yes: bool) -> None:
+    """Delete alerts older than --older-than days whose webhook is settled.
+
+    Their outbox rows and attempts go with them; an alert whose webhook is
+    still pending is kept. A pruned alert id is no longer a duplicate: a
+    message with that id arriving later is processed again (and its webhook
+    sent again), so keep more days than any redelivery or replay can take.
+    """
+    from alertd.operations import prune
+
+    if not dry_run and not yes:
+        click.confirm(f"Delete alerts settled more than {days:g} days ago?", abort=True)
+    count = prune(dsn, days * 86400, dry_run=dry_run)
+    click.echo(f"{count} alerts {'would be' if dry_run else 'were'} deleted")
 
 
 @cli.command()

@@ -27,6 +27,13 @@ def retry_webhooks(dsn: str, webhook_ids: list[str] | None) -> int:
     return _with_store(dsn, run)
 
 
+def prune(dsn: str, older_than_s: float, *, dry_run: bool) -> int:
+    """Delete (or with ``dry_run`` count) the alerts settled longer ago than this."""
+    async def run(store: PostgresStore) -> int:
+        return await store.prune(older_than_s, dry_run=dry_run)
+    return _with_store(dsn, run)
+
+
 def _with_store(dsn: str, run: Callable[[PostgresStore], Awaitable[T]]) -> T:
     """``run`` on a one-connection store, once the schema is known to be this code's
     (an unmigrated or newer database is one line naming 'alertd db migrate')."""

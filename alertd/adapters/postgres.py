@@ -191,6 +191,10 @@ class UndeliveredWebhook:
     created_at: dt.datetime
 
 
+# Alerts deleted per transaction by `alertd db prune`.
+PRUNE_BATCH = 5000
+
+
 class PostgresStore:
     """``ResultStore`` and ``WebhookOutbox`` on PostgreSQL.
 
@@ -360,6 +364,35 @@ class PostgresStore:
         async with self._connection() as conn:
             cur = await conn.execute(_RETRY_ALL_NOW)
             return cur.rowcount
+
+    async def prune(self, older_than_s: float, *, batch: int = PRUNE_BATCH,
+                    dry_run: bool = False) -> int:
+        """Delete the alerts decided more than ``older_than_s`` ago (by the
+        database's clock) whose webhook is settled (delivered, gone or failed),
+        with their outbox rows and attempts; return how many alerts.
+
+        An alert whose webhook is still pending is kept, however old. Each
+        batch is a transaction of its own, so locks stay short and a stop
+        midway keeps what was done. ``dry_run`` only counts them.
+        """
+        if dry_run:
+            async with self._connection() as conn:
+                cur = await conn.execute(_PRUNABLE_COUNT, (older_than_s,))
+                row = await cur.fetchone()
+            return int(row[0]) if row else 0
+        total = 0
+        while True:
+            try:
+                async with self._connection() as conn:
+                    cur = await conn.execute(_PRUNE, (older_than_s, batch))
+                    deleted = cur.rowcount
+            except psycopg.errors.ForeignKeyViolation:
+                # A webhook of the batch was made pending again meanwhile (see
+                # _PRUNE): the batch rolled back; the next one leaves it out.
+                continue
+            total += deleted
+            if deleted < batch:
+                return total
 
 
 def _distinct_rows(attempts: Sequence[AttemptRecord]) -> list[list[AttemptRecord]]:
@@ -543,4 +576,24 @@ _RETRY_ALL_NOW: LiteralString = """
     )
     UPDATE webhook_outbox SET status = 'pending', next_attempt_at = now()
     WHERE id IN (SELECT id FROM locked) AND status IN ('pending', 'failed')
+"""
+
+# An alert is prunable when it is old and its webhook is settled. The outbox
+# delete re-checks the status: a row an operator made pending again meanwhile
+# (`outbox retry`) is kept, and then its alert's delete fails on the foreign
+# key, rolling the batch back, rather than losing the retry.
+_PRUNABLE: LiteralString = """
+    SELECT alert_id FROM alerts a
+    WHERE processed_at < now() - make_interval(secs => %s)
+      AND NOT EXISTS (SELECT 1 FROM webhook_outbox o
+                      WHERE o.alert_id = a.alert_id AND o.status = 'pending')
+"""
+_PRUNABLE_COUNT: LiteralString = "SELECT count(*) FROM (" + _PRUNABLE + ") AS prunable"
+_PRUNE: LiteralString = """
+    WITH doomed AS (""" + _PRUNABLE + """ LIMIT %s FOR UPDATE SKIP LOCKED
+    ), outbox AS (
+        DELETE FROM webhook_outbox o USING doomed d
+        WHERE o.alert_id = d.alert_id AND o.status <> 'pending'
+    )
+    DELETE FROM alerts a USING doomed d WHERE a.alert_id = d.alert_id
 """

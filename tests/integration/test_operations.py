@@ -152,7 +152,8 @@ def test_publish_with_the_daemon_config_declares_the_queue_as_alertd_does(
 
 def test_outbox_commands_on_an_unmigrated_database_say_so_in_one_line() -> None:
     with unmigrated_database() as dsn:
-        for command in (["outbox", "list"], ["outbox", "retry", "--all"]):
+        for command in (["outbox", "list"], ["outbox", "retry", "--all"],
+                        ["db", "prune", "--older-than", "30", "--yes"]):
             done = alertd(*command, "--dsn", dsn)
             assert done.returncode == 3, done.stderr
             assert done.stderr.strip().endswith("run 'alertd db migrate'"), done.stderr
@@ -193,3 +194,27 @@ async def test_outbox_list_and_retry_show_and_requeue_undelivered_webhooks(fresh
     again = {r["alert_id"]: r for r in outbox(fresh_db)}
     assert again["ob-1"]["status"] == "pending"
     assert again["ob-0"]["status"] == "delivered"
+
+
+async def test_db_prune_counts_asks_then_deletes_old_settled_alerts(fresh_db: str) -> None:
+    pool = await open_pool(fresh_db, 1)
+    store = PostgresStore(pool)
+    now = dt.datetime.now(dt.UTC)
+    for i, days in enumerate((40, 40, 10)):
+        alert = Alert(alert_id=f"pr-{i}", video_url="http://x/v")
+        when = now - dt.timedelta(days=days)
+        assert await store.record_outcome(Outcome.done(alert, {"duration_s": 1.0}, attempts=1,
+                                                       received_at=when, processed_at=when),
+                                          None)
+    await pool.close()
+
+    counted = alertd("db", "prune", "--older-than", "30", "--dry-run", "--dsn", fresh_db)
+    assert counted.returncode == 0 and counted.stdout.strip() == "2 alerts would be deleted"
+    refused = alertd("db", "prune", "--older-than", "30", "--dsn", fresh_db, stdin="n\n")
+    assert refused.returncode != 0
+    too_soon = alertd("db", "prune", "--older-than", "0.5", "--yes", "--dsn", fresh_db)
+    assert too_soon.returncode == 2, too_soon.stderr  # at least a day
+    done = alertd("db", "prune", "--older-than", "30", "--yes", "--dsn", fresh_db)
+    assert done.returncode == 0 and done.stdout.strip() == "2 alerts were deleted", done.stderr
+    again = alertd("db", "prune", "--older-than", "30", "--dry-run", "--dsn", fresh_db)
+    assert again.stdout.strip() == "0 alerts would be deleted"

@@ -541,6 +541,70 @@ async def test_retry_all_now_requeues_failed_webhooks_but_leaves_gone_ones(
     assert (await claim_one(store)).delivery_id == failed.delivery_id
 
 
+# --- db prune -----------------------------------------------------------------------------
+
+async def age(dsn: str, alert_ids: list[str], interval: str) -> None:
+    await fetch(dsn, "UPDATE alerts SET processed_at = now() - %s::interval "
+                     "WHERE alert_id = ANY(%s)", (interval, alert_ids))
+
+
+async def test_prune_deletes_old_settled_alerts_with_their_webhooks_and_keeps_the_rest(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    settled = []
+    for result in (DeliveryResult(ok=True, status_code=200),
+                   DeliveryResult(ok=False, status_code=500, error="HTTP 500"),
+                   DeliveryResult(ok=False, status_code=410, gone=True)):
+        settled += await queue_webhooks(store, 1)
+        await end_one(store, result)
+    no_webhook = make_outcome(webhook_url=None)
+    assert await store.record_outcome(no_webhook, None)
+    settled.append(no_webhook.alert.alert_id)
+    recent = await queue_webhooks(store, 1)
+    await end_one(store, DeliveryResult(ok=True, status_code=200))
+    pending = await queue_webhooks(store, 1)  # old, but its webhook is still to be sent
+    await age(fresh_db, [*settled, *pending], "40 days")
+    await age(fresh_db, recent, "29 days")
+
+    assert await store.prune(30 * 86400, dry_run=True) == 4
+    assert len(await fetch(fresh_db, "SELECT 1 FROM alerts")) == 6  # a count only
+    assert await store.prune(30 * 86400, batch=3) == 4  # two batches: 3, then 1
+    assert await store.prune(30 * 86400) == 0
+
+    left = await fetch(fresh_db, "SELECT alert_id FROM alerts")
+    assert sorted(row[0] for row in left) == sorted([*recent, *pending])
+    rows = await fetch(fresh_db, "SELECT alert_id, status FROM webhook_outbox")
+    assert sorted(rows) == sorted([(recent[0], "delivered"), (pending[0], "pending")])
+    attempts = await fetch(fresh_db, "SELECT o.alert_id FROM webhook_attempts a "
+                                     "JOIN webhook_outbox o ON o.id = a.outbox_id")
+    assert attempts == [(recent[0],)]
+    # The pending one is sent as usual, and goes at the next prune once settled.
+    await end_one(store, DeliveryResult(ok=True, status_code=200))
+    assert await store.prune(30 * 86400) == 1
+
+
+async def test_prune_keeps_a_webhook_an_operator_made_pending_again_meanwhile(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    [alert_id] = await queue_webhooks(store, 1)
+    failed = await end_one(store, DeliveryResult(ok=False, status_code=500))
+    await age(fresh_db, [alert_id], "40 days")
+    async with await psycopg.AsyncConnection.connect(fresh_db) as retrying:
+        # `outbox retry` has updated the row but not committed when prune runs.
+        await retrying.execute("UPDATE webhook_outbox SET status = 'pending' "
+                               "WHERE webhook_id = %s", (failed.webhook_id,))
+        pruning = asyncio.create_task(store.prune(30 * 86400))
+        await asyncio.sleep(0.5)
+        assert not pruning.done()  # waiting for the retry's row lock
+        await retrying.commit()
+        # Its batch rolls back (the alert's delete fails on the kept row) and
+        # the next batch leaves the alert out: nothing is deleted, nothing lost.
+        assert await pruning == 0
+    rows = await fetch(fresh_db, "SELECT status FROM webhook_outbox")
+    assert rows == [("pending",)]
+    assert len(await fetch(fresh_db, "SELECT 1 FROM alerts")) == 1
+
+
 # --- lock order ---------------------------------------------------------------------------
 
 LOCK_WAITERS = """
