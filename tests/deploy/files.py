@@ -14,6 +14,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "alertd.service"
+PRUNE_UNIT = REPO / "systemd" / "alertd-prune.service"
+PRUNE_TIMER = REPO / "systemd" / "alertd-prune.timer"
 ENV_EXAMPLE = REPO / "systemd" / "alertd.env.example"
 CONF_TOML = REPO / "conf" / "alertd.toml"
 K8S = REPO / "conf" / "k8s"
