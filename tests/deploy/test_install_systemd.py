@@ -15,7 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.files import ENV_EXAMPLE, INSTALL, UNIT, read_unit, run, tool
+from tests.deploy.files import (
+    ENV_EXAMPLE,
+    INSTALL,
+    PRUNE_TIMER,
+    PRUNE_UNIT,
+    UNIT,
+    read_unit,
+    run,
+    tool,
+)
+
+UNIT_DIR = "etc/systemd/system"
+UNITS = (UNIT, PRUNE_UNIT, PRUNE_TIMER)
 
 
 def install(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,19 +59,20 @@ def test_dry_run_into_a_prefix_changes_nothing_and_plans_the_same_twice(tmp_path
     assert first.stdout == second.stdout
     assert list(tmp_path.iterdir()) == []
     planned = "\n".join(actions(first.stdout, "would"))
-    for step in ("create virtualenv", "pip install", "alertd.service", "alertd.env",
-                 "enable alertd.service"):
+    for step in ("create virtualenv", "pip install", "alertd.service", "alertd-prune.service",
+                 "alertd-prune.timer", "alertd.env", "enable alertd.service",
+                 "enable alertd-prune.timer"):
         assert step in planned
     assert not actions(first.stdout, "doing")
 
 
 def test_dry_run_on_this_machine_changes_nothing() -> None:
-    before = Path("/opt/alertd").exists(), Path("/etc/systemd/system/alertd.service").exists()
+    watched = [Path("/opt/alertd"), *(Path("/", UNIT_DIR, u.name) for u in UNITS)]
+    before = [p.exists() for p in watched]
     result = install("--dry-run")
     assert result.returncode == 0, result.stderr
     assert not actions(result.stdout, "doing")
-    after = Path("/opt/alertd").exists(), Path("/etc/systemd/system/alertd.service").exists()
-    assert before == after
+    assert [p.exists() for p in watched] == before
 
 
 def test_an_unknown_option_is_a_usage_error() -> None:
@@ -79,18 +92,30 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str
 
 def test_install_into_a_prefix_lays_out_every_file(staged: tuple[Path, str]) -> None:
     root, _ = staged
-    unit = root / "etc/systemd/system/alertd.service"
-    assert unit.read_text() == UNIT.read_text()
+    for source in UNITS:
+        installed = root / UNIT_DIR / source.name
+        assert installed.read_text() == source.read_text()
+        assert stat.S_IMODE(installed.stat().st_mode) == 0o644
     env_file = root / "etc/alertd/alertd.env"
     assert env_file.read_text() == ENV_EXAMPLE.read_text()
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    wants = root / "etc/systemd/system/multi-user.target.wants/alertd.service"
+    wants = root / UNIT_DIR / "multi-user.target.wants/alertd.service"
     assert os.readlink(wants) == "/etc/systemd/system/alertd.service"
     assert os.readlink(root / "usr/local/bin/alertd") == "/opt/alertd/bin/alertd"
     version = run([str(root / "opt/alertd/bin/alertd"), "--version"])
     assert version.returncode == 0 and "alertd" in version.stdout
     installed = run([str(root / "opt/alertd/bin/pip"), "list", "--format=freeze"]).stdout
     assert "pytest" not in installed and "ruff" not in installed, "no test tools"
+
+
+def test_install_enables_the_prune_timer_and_leaves_its_service_to_it(
+        staged: tuple[Path, str]) -> None:
+    root, _ = staged
+    timer_wants = root / UNIT_DIR / "timers.target.wants/alertd-prune.timer"
+    assert os.readlink(timer_wants) == "/etc/systemd/system/alertd-prune.timer"
+    enabled = run(["systemctl", f"--root={root}", "is-enabled", PRUNE_TIMER.name,
+                   PRUNE_UNIT.name])
+    assert enabled.stdout.split() == ["enabled", "static"], enabled.stdout + enabled.stderr
 
 
 def test_a_second_install_finds_everything_in_place(staged: tuple[Path, str]) -> None:
@@ -102,32 +127,39 @@ def test_a_second_install_finds_everything_in_place(staged: tuple[Path, str]) ->
     assert tree(root) == before
 
 
-def test_reinstall_keeps_the_operators_env_file_and_restores_the_unit(
+def test_reinstall_keeps_the_operators_env_file_and_restores_the_units(
         staged: tuple[Path, str]) -> None:
     root, _ = staged
     env_file = root / "etc/alertd/alertd.env"
-    unit = root / "etc/systemd/system/alertd.service"
+    units = {root / UNIT_DIR / source.name: source for source in UNITS}
     env_file.write_text("ALERTD_DSN=postgresql://alertd:s3cret@db/alertd\n")
     env_file.chmod(0o644)
-    unit.write_text("# edited by hand\n")
+    for unit in units:
+        unit.write_text("# edited by hand\n")
     again = install("--prefix", str(root))
     assert again.returncode == 0, again.stderr
     assert env_file.read_text() == "ALERTD_DSN=postgresql://alertd:s3cret@db/alertd\n"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    assert unit.read_text() == UNIT.read_text()
+    for unit, source in units.items():
+        assert unit.read_text() == source.read_text()
 
 
-def test_the_staged_unit_passes_systemd_analyze_verify(
+def test_the_staged_units_pass_systemd_analyze_verify(
         staged: tuple[Path, str], tmp_path: Path) -> None:
     analyze = tool("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed: the staged unit was not verified")
+        pytest.skip("systemd-analyze is not installed: the staged units were not verified")
     root, _ = staged
-    staged_unit = root / "etc/systemd/system/alertd.service"
-    copy = tmp_path / "alertd.service"
     alertd = str(root / "opt/alertd/bin/alertd")
-    copy.write_text(staged_unit.read_text().replace("/opt/alertd/bin/alertd", alertd))
-    assert read_unit(copy).value("Service", "ExecStart").startswith(alertd)
-    result = run([analyze, "verify", "--man=no", str(copy)])
-    assert result.returncode == 0 and "alertd.service" not in result.stdout + result.stderr, \
-        result.stdout + result.stderr
+    names = [u.name for u in UNITS]
+    copies = []
+    for name in names:
+        copy = tmp_path / name
+        staged_text = (root / UNIT_DIR / name).read_text()
+        copy.write_text(staged_text.replace("/opt/alertd/bin/alertd", alertd))
+        copies.append(str(copy))
+    for service in (UNIT.name, PRUNE_UNIT.name):
+        assert read_unit(tmp_path / service).value("Service", "ExecStart").startswith(alertd)
+    result = run([analyze, "verify", "--man=no", *copies])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and not any(name in output for name in names), output
