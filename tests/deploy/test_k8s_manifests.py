@@ -18,17 +18,19 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from alertd.exitcodes import EXIT_CONFIG
+from alertd.exitcodes import EXIT_CONFIG, EXIT_CRASH, EXIT_USAGE
 from alertd.master import KILL_AFTER_ABORT_S
 from tests.deploy.files import (
     ALERTD,
     DOCKERFILE,
     K8S,
+    PRUNE_UNIT,
     TEST_SECRET,
     core_manifests,
     cpus,
     k8s_objects,
     mebibytes,
+    read_unit,
     run,
     tool,
     yaml_docs,
@@ -68,7 +70,8 @@ TRIGGER_AUTH_SPEC_FIELDS = {
 }
 SECRET_TARGET_REF_FIELDS = {"parameter", "name", "key"}
 
-objects = k8s_objects("configmap.yaml", "deployment.yaml", "pdb.yaml", "keda.yaml")
+objects = k8s_objects("configmap.yaml", "deployment.yaml", "pdb.yaml", "keda.yaml",
+                      "prune-cronjob.yaml")
 alternatives = k8s_objects("alternatives/hpa-external.yaml")
 secrets = {d["metadata"]["name"]: d for d in yaml_docs(K8S / "secret.example.yaml")}
 settings: dict[str, str] = objects["ConfigMap"]["data"]
@@ -77,6 +80,10 @@ pod = deployment["spec"]["template"]["spec"]
 container = pod["containers"][0]
 scaled_object = objects["ScaledObject"]
 trigger = scaled_object["spec"]["triggers"][0]
+prune_cronjob = objects["CronJob"]
+prune_job = prune_cronjob["spec"]["jobTemplate"]["spec"]
+prune_pod = prune_job["template"]["spec"]
+prune_container = prune_pod["containers"][0]
 
 WORKERS = int(settings["ALERTD_WORKERS"])
 CONCURRENCY = int(settings["ALERTD_CONCURRENCY"])
@@ -111,7 +118,7 @@ def test_kustomization_lists_every_core_manifest_and_not_the_secret() -> None:
     assert on_disk - set(listed) == {"secret.example.yaml"}
     kinds = {doc["kind"] for name in listed for doc in yaml_docs(K8S / name)}
     assert kinds == {"ConfigMap", "Deployment", "PodDisruptionBudget", "ScaledObject",
-                     "TriggerAuthentication"}
+                     "TriggerAuthentication", "CronJob"}
 
 
 def test_kubectl_kustomize_renders_the_core_manifests() -> None:
@@ -122,6 +129,7 @@ def test_kubectl_kustomize_renders_the_core_manifests() -> None:
     result = run([kubectl, "kustomize", str(K8S)])
     assert result.returncode == 0, result.stderr
     assert "kind: ScaledObject" in result.stdout and "image: alertd:0.1.0" in result.stdout
+    assert "kind: CronJob" in result.stdout
 
 
 # -- KEDA ------------------------------------------------------------------------------
@@ -310,3 +318,69 @@ def test_alertd_accepts_the_image_configmap_secret_and_args_together() -> None:
 def test_the_example_secret_is_refused_until_its_webhook_secret_is_replaced() -> None:
     placeholder = secrets["alertd"]["stringData"]["ALERTD_WEBHOOK_SECRET"]
     assert container_check_config(placeholder).returncode == EXIT_CONFIG
+
+
+# -- retention: the prune CronJob --------------------------------------------------------
+
+def test_the_prune_job_runs_the_workers_image_with_their_settings_and_secret() -> None:
+    assert prune_container["image"] == container["image"]
+    assert prune_container["envFrom"] == container["envFrom"]
+    assert prune_container["command"][:3] == ["alertd", "db", "prune"]
+    assert "--yes" in prune_container["command"], "no terminal to answer the prompt"
+    for key in ("automountServiceAccountToken", "enableServiceLinks"):
+        assert prune_pod[key] is pod[key] is False, key
+
+
+def test_the_prune_pod_is_sandboxed_like_the_workers() -> None:
+    assert prune_pod["securityContext"] == pod["securityContext"]
+    assert prune_container["securityContext"] == container["securityContext"]
+    assert "volumeMounts" not in prune_container, "prune writes no file"
+
+
+def test_prune_pods_are_not_taken_for_workers_by_the_deployment_or_the_pdb() -> None:
+    labels = prune_job["template"]["metadata"]["labels"]
+    for selector in (deployment["spec"]["selector"],
+                     objects["PodDisruptionBudget"]["spec"]["selector"]):
+        assert not selector["matchLabels"].items() <= labels.items()
+
+
+def test_prune_runs_daily_never_overlap_and_stop_within_the_deadline() -> None:
+    spec = prune_cronjob["spec"]
+    minute, hour, *rest = spec["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and rest == ["*", "*", "*"], "once a day"
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert 0 < prune_job["activeDeadlineSeconds"] <= 6 * 3600
+    assert 0 < spec["startingDeadlineSeconds"] < 24 * 3600
+    assert 1 <= prune_job["backoffLimit"] <= 3
+    assert prune_pod["restartPolicy"] == "Never", "podFailurePolicy needs it"
+
+
+def test_a_bad_command_line_or_configuration_fails_the_prune_job_without_retries() -> None:
+    fail_job = [r for r in prune_job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert [r["onExitCodes"] for r in fail_job] == [{
+        "containerName": prune_container["name"], "operator": "In",
+        "values": [EXIT_USAGE, EXIT_CONFIG]}]
+
+
+def test_the_prune_resources_are_requested_and_bounded() -> None:
+    resources = prune_container["resources"]
+    for key in ("cpu", "memory", "ephemeral-storage"):
+        assert key in resources["requests"] and key in resources["limits"], key
+    assert cpus(resources["requests"]["cpu"]) <= cpus(resources["limits"]["cpu"])
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+
+
+def test_kubernetes_and_systemd_prune_after_the_same_default_days() -> None:
+    days = next(a.split("=", 1)[1] for a in prune_container["command"]
+                if a.startswith("--older-than="))
+    assert f"ALERTD_PRUNE_DAYS={days}" in read_unit(PRUNE_UNIT).values("Service", "Environment")
+
+
+def test_alertd_takes_the_prune_jobs_command_configmap_and_secret_up_to_the_database() -> None:
+    # Only a database is missing: no usage (2) or config (3) error before it.
+    env = {**dockerfile_env(), **settings, **secrets["alertd"]["stringData"],
+           "ALERTD_DSN": "postgresql://alertd:x@127.0.0.1:1/alertd",
+           "PATH": os.environ["PATH"]}
+    result = run([ALERTD, *prune_container["command"][1:]], env=env)
+    assert result.returncode == EXIT_CRASH, result.stderr
+    assert "database unavailable" in result.stderr
