@@ -60,9 +60,9 @@ def test_dry_run_into_a_prefix_changes_nothing_and_plans_the_same_twice(tmp_path
     assert list(tmp_path.iterdir()) == []
     planned = "\n".join(actions(first.stdout, "would"))
     for step in ("create virtualenv", "pip install", "alertd.service", "alertd-prune.service",
-                 "alertd-prune.timer", "alertd.env", "enable alertd.service",
-                 "enable alertd-prune.timer"):
+                 "alertd-prune.timer", "alertd.env", "enable alertd.service"):
         assert step in planned
+    assert "enable alertd-prune.timer" not in planned  # retention is opt-in
     assert not actions(first.stdout, "doing")
 
 
@@ -108,14 +108,27 @@ def test_install_into_a_prefix_lays_out_every_file(staged: tuple[Path, str]) -> 
     assert "pytest" not in installed and "ruff" not in installed, "no test tools"
 
 
-def test_install_enables_the_prune_timer_and_leaves_its_service_to_it(
+def test_install_lays_out_the_prune_units_but_leaves_retention_off(
         staged: tuple[Path, str]) -> None:
+    # Retention deletes results: an install or an upgrade never turns it on.
     root, _ = staged
-    timer_wants = root / UNIT_DIR / "timers.target.wants/alertd-prune.timer"
-    assert os.readlink(timer_wants) == "/etc/systemd/system/alertd-prune.timer"
+    assert (root / UNIT_DIR / PRUNE_TIMER.name).is_file()
+    assert not (root / UNIT_DIR / "timers.target.wants/alertd-prune.timer").exists()
     enabled = run(["systemctl", f"--root={root}", "is-enabled", PRUNE_TIMER.name,
                    PRUNE_UNIT.name])
-    assert enabled.stdout.split() == ["enabled", "static"], enabled.stdout + enabled.stderr
+    assert enabled.stdout.split() == ["disabled", "static"], enabled.stdout + enabled.stderr
+
+
+def test_a_reinstall_keeps_retention_on_once_the_operator_turned_it_on(
+        staged: tuple[Path, str]) -> None:
+    root, _ = staged
+    on = run(["systemctl", f"--root={root}", "--quiet", "enable", PRUNE_TIMER.name])
+    assert on.returncode == 0, on.stderr
+    again = install("--prefix", str(root))
+    assert again.returncode == 0, again.stderr
+    enabled = run(["systemctl", f"--root={root}", "is-enabled", PRUNE_TIMER.name])
+    assert enabled.stdout.split() == ["enabled"], enabled.stdout + enabled.stderr
+    run(["systemctl", f"--root={root}", "--quiet", "disable", PRUNE_TIMER.name])
 
 
 def test_a_second_install_finds_everything_in_place(staged: tuple[Path, str]) -> None:

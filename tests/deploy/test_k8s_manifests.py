@@ -344,6 +344,12 @@ def test_prune_pods_are_not_taken_for_workers_by_the_deployment_or_the_pdb() -> 
         assert not selector["matchLabels"].items() <= labels.items()
 
 
+def test_prune_is_off_until_the_operator_unsuspends_it() -> None:
+    # Retention deletes results: applying the manifests (an upgrade) never
+    # starts it.
+    assert prune_cronjob["spec"]["suspend"] is True
+
+
 def test_prune_runs_daily_never_overlap_and_stop_within_the_deadline() -> None:
     spec = prune_cronjob["spec"]
     minute, hour, *rest = spec["schedule"].split()
