@@ -28,7 +28,7 @@ from alertd.adapters.schema import (
     schema_version,
 )
 from alertd.domain import Outcome, WebhookEvent
-from alertd.errors import StoreUnavailable
+from alertd.errors import AlertdError, StoreUnavailable
 from alertd.ports import AttemptRecord, DeliveryResult, PendingDelivery
 from alertd.signing import new_webhook_id
 
@@ -191,8 +191,10 @@ class UndeliveredWebhook:
     created_at: dt.datetime
 
 
-# Alerts deleted per transaction by `alertd db prune`.
+# Alerts deleted per transaction by `alertd db prune`, and batches in a row
+# it redoes after a concurrent `outbox retry` before it gives up.
 PRUNE_BATCH = 5000
+PRUNE_CONFLICTS = 10
 
 
 class PostgresStore:
@@ -380,16 +382,22 @@ class PostgresStore:
                 cur = await conn.execute(_PRUNABLE_COUNT, (older_than_s,))
                 row = await cur.fetchone()
             return int(row[0]) if row else 0
-        total = 0
+        total = conflicts = 0
         while True:
             try:
                 async with self._connection() as conn:
                     cur = await conn.execute(_PRUNE, (older_than_s, batch))
                     deleted = cur.rowcount
-            except psycopg.errors.ForeignKeyViolation:
+            except psycopg.errors.ForeignKeyViolation as exc:
                 # A webhook of the batch was made pending again meanwhile (see
                 # _PRUNE): the batch rolled back; the next one leaves it out.
+                # Again and again is something else: stop, having kept it all.
+                conflicts += 1
+                if conflicts > PRUNE_CONFLICTS:
+                    raise AlertdError(f"prune: {conflicts} batches in a row rolled back on "
+                                      f"a foreign key: {first_line(exc)}") from None
                 continue
+            conflicts = 0
             total += deleted
             if deleted < batch:
                 return total

@@ -605,6 +605,22 @@ async def test_prune_keeps_a_webhook_an_operator_made_pending_again_meanwhile(
     assert len(await fetch(fresh_db, "SELECT 1 FROM alerts")) == 1
 
 
+async def test_prune_gives_up_in_one_error_when_every_batch_rolls_back(
+    store: PostgresStore, fresh_db: str,
+) -> None:
+    # Not a racing retry but a table of the operator's referencing alerts:
+    # redoing the batch would never end.
+    [alert_id] = await queue_webhooks(store, 1)
+    await end_one(store, DeliveryResult(ok=True, status_code=200))
+    await age(fresh_db, [alert_id], "40 days")
+    await fetch(fresh_db, "CREATE TABLE notes (alert_id text REFERENCES alerts)")
+    await fetch(fresh_db, "INSERT INTO notes VALUES (%s)", (alert_id,))
+
+    with pytest.raises(AlertdError, match="batches in a row rolled back on a foreign key"):
+        await store.prune(30 * 86400)
+    assert len(await fetch(fresh_db, "SELECT 1 FROM webhook_outbox")) == 1  # all kept
+
+
 # --- lock order ---------------------------------------------------------------------------
 
 LOCK_WAITERS = """
