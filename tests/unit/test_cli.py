@@ -173,12 +173,19 @@ def test_start_help_documents_signals_and_exit_codes() -> None:
 def test_a_bad_value_in_the_config_file_is_refused_naming_the_file_key(
     tmp_path: Path, line: str, key: str,
 ) -> None:
+    refusal_of(tmp_path, line, key)
+
+
+def refusal_of(tmp_path: Path, line: str, key: str) -> str:
+    """check-config of a file holding ``line``: exit 3 and one line naming ``key`` and the file."""
     conf = tmp_path / "bad.toml"
     conf.write_text(line + "\n")
     done = alertd("check-config", "--config", str(conf))
-    assert done.returncode == 3
-    assert done.stderr.startswith(f"alertd: config error: {key}: ")
-    assert str(conf) in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 3, done.stderr + done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alertd: config error: {key}: "), lines
+    assert str(conf) in lines[0]
+    return lines[0]
 
 
 def test_one_config_file_serves_every_command(tmp_path: Path) -> None:
@@ -284,13 +291,7 @@ def test_a_config_file_value_of_the_wrong_toml_type_is_refused_not_truncated(
 ) -> None:
     # click converts what it is given with int()/float()/str(): before, 2.5
     # ran 2 children, true 1, and a table or a date was a TypeError traceback.
-    conf = tmp_path / "bad.toml"
-    conf.write_text(line + "\n")
-    done = alertd("check-config", "--config", str(conf))
-    assert done.returncode == 3, done.stderr + done.stdout
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"alertd: config error: {key}: must be "), lines
-    assert str(conf) in lines[0]
+    assert refusal_of(tmp_path, line, key).startswith(f"alertd: config error: {key}: must be ")
 
 
 def test_a_fractional_count_is_refused_and_one_with_no_fraction_is_taken(
